@@ -30,8 +30,14 @@ from d2g_jax.models.weights import WeightsError
 
 Renames = Sequence[tuple[str, str]]  # (regex on the dotted PyTorch name derived from the Flax path, replacement)
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
-         "mean": "running_mean", "var": "running_var"}
+_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 
 
 def flax_path_to_torch(path: Sequence[str], renames: Renames = ()) -> str:

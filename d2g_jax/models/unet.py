@@ -31,21 +31,13 @@ from d2g_jax.models.blocks import (
     Upsample2D,
     conv,
     group_norm,
+    remat_block,
     timestep_embedding,
 )
 from d2g_jax.models.unet_config import UNetConfig
 
 Dtype = Any
 _ACT = ("batch", "height", "width", "channels")  # logical axes of NHWC activations
-
-
-def remat_block(cls: type[nn.Module], policy: str) -> type[nn.Module]:
-    """Wraps a block class in `nn.remat` with a `jax.checkpoint_policies` policy name ('none' = no remat)."""
-    if policy in (None, "", "none"):
-        return cls
-    if not hasattr(jax.checkpoint_policies, policy):
-        raise ValueError(f"remat_policy {policy!r} is not a jax.checkpoint_policies name (e.g. 'nothing_saveable').")
-    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=True)
 
 
 class UpFeatures(NamedTuple):
@@ -89,8 +81,13 @@ class _BlockArgs(nn.Module):
 
     def _attention(self):
         return remat_block(Transformer2DModel, self.remat_policy)(
-            self.heads, self.out_channels // self.heads, self.transformer_layers, self.groups,
-            use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention, **self._kw()
+            self.heads,
+            self.out_channels // self.heads,
+            self.transformer_layers,
+            self.groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention,
+            **self._kw(),
         )
 
 
@@ -180,23 +177,49 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(c.time_embed_dim, **kw)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.time_embed_dim, **kw)
-        common = dict(groups=c.norm_num_groups, eps=c.norm_eps, use_linear_projection=c.use_linear_projection,
-                      upcast_attention=c.upcast_attention, remat_policy=self.remat_policy, **kw)
+        common = dict(
+            groups=c.norm_num_groups,
+            eps=c.norm_eps,
+            use_linear_projection=c.use_linear_projection,
+            upcast_attention=c.upcast_attention,
+            remat_policy=self.remat_policy,
+            **kw,
+        )
         n = len(boc)
         self.down_blocks = [
-            DownBlock(boc[i], c.layers_per_block[i], c.num_attention_heads[i], c.transformer_layers_per_block[i],
-                      has_attention=t.startswith("CrossAttn"), add_sample_op=i < n - 1,
-                      output_scale_factor=c.resnet_out_scale_factor, downsample_padding=c.downsample_padding,
-                      **common)
+            DownBlock(
+                boc[i],
+                c.layers_per_block[i],
+                c.num_attention_heads[i],
+                c.transformer_layers_per_block[i],
+                has_attention=t.startswith("CrossAttn"),
+                add_sample_op=i < n - 1,
+                output_scale_factor=c.resnet_out_scale_factor,
+                downsample_padding=c.downsample_padding,
+                **common,
+            )
             for i, t in enumerate(c.down_block_types)
         ]
-        self.mid_block = MidBlock(boc[-1], 1, c.num_attention_heads[-1], c.transformer_layers_per_block[-1],
-                                  output_scale_factor=c.mid_block_scale_factor, **common)
+        self.mid_block = MidBlock(
+            boc[-1],
+            1,
+            c.num_attention_heads[-1],
+            c.transformer_layers_per_block[-1],
+            output_scale_factor=c.mid_block_scale_factor,
+            **common,
+        )
         rboc, rheads, rlayers = boc[::-1], c.num_attention_heads[::-1], c.layers_per_block[::-1]
         self.up_blocks = [
-            UpBlock(rboc[i], rlayers[i] + 1, rheads[i], c.reverse_transformer_layers_per_block[i],
-                    has_attention=t.startswith("CrossAttn"), add_sample_op=i < n - 1,
-                    output_scale_factor=c.resnet_out_scale_factor, **common)
+            UpBlock(
+                rboc[i],
+                rlayers[i] + 1,
+                rheads[i],
+                c.reverse_transformer_layers_per_block[i],
+                has_attention=t.startswith("CrossAttn"),
+                add_sample_op=i < n - 1,
+                output_scale_factor=c.resnet_out_scale_factor,
+                **common,
+            )
             for i, t in enumerate(c.up_block_types)
         ]
         self.conv_norm_out = group_norm(c.norm_num_groups, c.norm_eps, **kw)
@@ -210,10 +233,16 @@ class UNet2DConditionModel(nn.Module):
         emb = self.time_embedding(temb.astype(self.dtype))
         if c.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise ValueError("this U-Net is SDXL-style (addition_embed_type='text_time'): pass text_embeds "
-                                 "[B, P] and time_ids [B, 6].")
-            tid = timestep_embedding(jnp.asarray(time_ids, jnp.float32).reshape(-1), c.addition_time_embed_dim,
-                                     c.flip_sin_to_cos, c.freq_shift).reshape(batch, -1)
+                raise ValueError(
+                    "this U-Net is SDXL-style (addition_embed_type='text_time'): pass text_embeds "
+                    "[B, P] and time_ids [B, 6]."
+                )
+            tid = timestep_embedding(
+                jnp.asarray(time_ids, jnp.float32).reshape(-1),
+                c.addition_time_embed_dim,
+                c.flip_sin_to_cos,
+                c.freq_shift,
+            ).reshape(batch, -1)
             add = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), tid], axis=-1)
             emb = emb + self.add_embedding(add.astype(self.dtype))
         return emb
@@ -252,8 +281,9 @@ class UNet2DConditionModel(nn.Module):
         temb = self.time_embed(timesteps, b, text_embeds, time_ids)
         extra = down_block_additional_inputs or (None,) * len(self.down_blocks)
         if len(extra) != len(self.down_blocks):
-            raise ValueError(f"down_block_additional_inputs has {len(extra)} entries for "
-                             f"{len(self.down_blocks)} down blocks.")
+            raise ValueError(
+                f"down_block_additional_inputs has {len(extra)} entries for {len(self.down_blocks)} down blocks."
+            )
 
         h = self.conv_in(x)
         skips = [h]
@@ -268,7 +298,7 @@ class UNet2DConditionModel(nn.Module):
         h = self.mid_block(h, temb, ctx)
         mid = h
         up_feats = []
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             n = block.num_layers
             res, skips = skips[-n:], skips[:-n]
             # The next block's skip fixes the upsampled size (odd sizes, as diffusers' forward_upsample_size).

@@ -11,12 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from d2g_jax.models.weights import WeightsError
-
-
-class UnsupportedConfigError(WeightsError):
-    """A config value this port does not implement (would change the math if ignored)."""
-
+from d2g_jax.models.weights import UnsupportedConfigError
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -44,8 +39,15 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "addition_embed_type": (None, "text_time"),
 }
 # Fields that do not change the forward computation.
-_BENIGN = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "addition_embed_type_num_heads",
-           "dropout", "_use_default_values"}
+_BENIGN = {
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "sample_size",
+    "addition_embed_type_num_heads",
+    "dropout",
+    "_use_default_values",
+}
 
 
 def _per_block(value: Any, n: int, field: str, source: str) -> tuple:
@@ -151,7 +153,7 @@ class UNetConfig:
                 f"({len(boc)}) must have the same length."
             )
         oca = cfg.get("only_cross_attention", False)
-        if (oca if isinstance(oca, bool) else any(oca)):
+        if oca if isinstance(oca, bool) else any(oca):
             raise UnsupportedConfigError(f"{source}: `only_cross_attention` = {oca!r} is not supported.")
         if cfg.get("norm_num_groups", 32) is None:
             raise UnsupportedConfigError(f"{source}: `norm_num_groups` = None (no output norm) is not supported.")

@@ -39,6 +39,10 @@ class WeightsError(ValueError):
     """A weight file or folder is missing, corrupt or does not match the model it is loaded into."""
 
 
+class UnsupportedConfigError(WeightsError):
+    """A config value a port does not implement (it would change the math if ignored)."""
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """Returns `{name: array}` memory-mapped from one `.safetensors` file (read-only views)."""
     try:
@@ -49,7 +53,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                 raise WeightsError(f"{path}: not a safetensors file (header length {n}, file size {size}).")
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read safetensors header ({e}). Re-download or re-export the file.")
+        raise WeightsError(f"{path}: cannot read safetensors header ({e}). Re-download or re-export the file.") from e
     header.pop("__metadata__", None)
     base = 8 + n
     out: dict[str, np.ndarray] = {}
@@ -107,7 +111,7 @@ def read_config(folder: str, filename: str = "config.json") -> dict[str, Any]:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON ({e}).")
+        raise WeightsError(f"{path}: invalid JSON ({e}).") from e
 
 
 def find_weight_files(folder: str, stem: str = "diffusion_pytorch_model", variant: str | None = None) -> list[str]:
@@ -131,7 +135,7 @@ def find_weight_files(folder: str, stem: str = "diffusion_pytorch_model", varian
             with open(c) as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{c}: not a valid safetensors index (needs a 'weight_map'): {e}")
+            raise WeightsError(f"{c}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
         files = sorted(set(weight_map.values()))
         missing = [s for s in files if not os.path.isfile(os.path.join(folder, s))]
         if missing:
@@ -139,12 +143,12 @@ def find_weight_files(folder: str, stem: str = "diffusion_pytorch_model", varian
         return [os.path.join(folder, s) for s in files]
     bins = [f for f in os.listdir(folder) if f.endswith(".bin")] if os.path.isdir(folder) else []
     hint = f" Found {bins}: convert them to safetensors first." if bins else ""
-    raise WeightsError(
-        f"{folder}: no {stem}[.{variant or 'fp16'}].safetensors or sharded index found.{hint}"
-    )
+    raise WeightsError(f"{folder}: no {stem}[.{variant or 'fp16'}].safetensors or sharded index found.{hint}")
 
 
-def load_folder_tensors(folder: str, stem: str = "diffusion_pytorch_model", variant: str | None = None) -> dict[str, np.ndarray]:
+def load_folder_tensors(
+    folder: str, stem: str = "diffusion_pytorch_model", variant: str | None = None
+) -> dict[str, np.ndarray]:
     """All tensors of a model folder as `{torch_name: memmapped array}`."""
     tensors: dict[str, np.ndarray] = {}
     for path in find_weight_files(folder, stem, variant):
@@ -153,4 +157,3 @@ def load_folder_tensors(folder: str, stem: str = "diffusion_pytorch_model", vari
                 raise WeightsError(f"{path}: tensor {k!r} appears in more than one shard.")
             tensors[k] = v
     return tensors
-

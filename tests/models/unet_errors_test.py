@@ -13,9 +13,16 @@ from d2g_jax.models.unet import load_unet
 from d2g_jax.models.unet_config import UnsupportedConfigError
 from d2g_jax.models.weights import WeightsError, read_safetensors, write_safetensors
 
-CFG = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
-           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-           norm_num_groups=4, attention_head_dim=2)
+CFG = dict(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    cross_attention_dim=16,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=2,
+)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -4,6 +4,7 @@ SDXL-like models saved in the real diffusers format; export round trip; the disc
 import json
 import os
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,18 +19,33 @@ from d2g_jax.models.weights import read_safetensors
 REL_TOL = 1e-4
 
 SD15_LIKE = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8,
+    cross_attention_dim=48,
+    attention_head_dim=8,
+    norm_num_groups=8,
 )
 SDXL_LIKE = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 96),
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(32, 64, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=40, attention_head_dim=(2, 4, 6), transformer_layers_per_block=(1, 1, 3),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=24 + 6 * 8, norm_num_groups=8,
+    cross_attention_dim=40,
+    attention_head_dim=(2, 4, 6),
+    transformer_layers_per_block=(1, 1, 3),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8,
+    norm_num_groups=8,
 )
 
 
@@ -37,7 +53,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     """diffusers initialises norms to (1, 0); perturb every parameter so layout and norm mistakes show."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
@@ -75,8 +91,9 @@ def _inputs(cfg, batch, hw, seed):
 def _torch_forward(model, x, t, ctx, extra):
     added = {k: torch.from_numpy(v) for k, v in extra.items()} or None
     with torch.no_grad():
-        out = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.as_tensor(t), torch.from_numpy(ctx),
-                    added_cond_kwargs=added).sample
+        out = model(
+            torch.from_numpy(x).permute(0, 3, 1, 2), torch.as_tensor(t), torch.from_numpy(ctx), added_cond_kwargs=added
+        ).sample
     return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -109,7 +126,7 @@ def test_scalar_timestep_broadcasts(sd15):
     module, variables = load_unet(folder)
     x, ctx, extra = _inputs(SD15_LIKE, 2, (16, 16), 3)
     ref = _torch_forward(model, x, np.float32(321.0), ctx, extra)
-    out = np.asarray(module.apply(variables, x, jnp.float32(321.0), ctx))
+    out = np.asarray(jax.jit(module.apply)(variables, x, jnp.float32(321.0), ctx))
     assert np.abs(out - ref).max() / np.abs(ref).max() <= REL_TOL
 
 
@@ -163,18 +180,38 @@ def test_bf16_compute_close_to_fp32(sdxl):
     m16, v16 = load_unet(folder, dtype=jnp.bfloat16)
     x, ctx, extra = _inputs(SDXL_LIKE, 2, (16, 16), 7)
     t = np.array([100.0, 700.0], np.float32)
-    a = np.asarray(m32.apply(v32, x, t, ctx, **extra))
+    a = np.asarray(jax.jit(m32.apply)(v32, x, t, ctx, **extra))
     b = np.asarray(jax.jit(m16.apply)(v16, x, t, ctx, **extra))
     assert b.dtype == np.float32
     assert np.abs(a - b).max() / np.abs(a).max() < 5e-2
 
 
-def test_remat_gives_same_values_and_grads(sd15):
-    _, folder = sd15
-    m0, v = load_unet(folder)
-    m1, _ = load_unet(folder, remat_policy="nothing_saveable")
-    x, ctx, _ = _inputs(SD15_LIKE, 2, (16, 16), 5)
-    t = np.array([3.0, 600.0], np.float32)
+def test_remat_gives_same_values_and_grads():
+    from d2g_jax.models.unet import UNet2DConditionModel, abstract_variables, dummy_inputs
+    from d2g_jax.models.unet_config import UNetConfig
+
+    cfg = UNetConfig(
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=(1, 1),
+        transformer_layers_per_block=(1, 1),
+        reverse_transformer_layers_per_block=(1, 1),
+        num_attention_heads=(2, 2),
+        cross_attention_dim=(8, 8),
+        norm_num_groups=4,
+    )
+    m0 = UNet2DConditionModel(cfg)
+    m1 = UNet2DConditionModel(cfg, remat_policy="nothing_saveable")
+    shapes = dummy_inputs(cfg, batch=2, size=8, seq=3)
+    x, t, ctx = (
+        np.random.default_rng(i).standard_normal(shapes[k].shape).astype(np.float32)
+        for i, k in enumerate(("sample", "timesteps", "encoder_hidden_states"))
+    )
+    rng = np.random.default_rng(0)  # random values straight into the eval_shape tree (no init compile)
+    v = jax.tree.map(
+        lambda a: 0.2 * rng.standard_normal(a.shape).astype(np.float32), flax.linen.unbox(abstract_variables(m0))
+    )
 
     def loss(module):
         return lambda p: jnp.mean(module.apply(p, x, t, ctx) ** 2)
@@ -191,9 +228,10 @@ def test_feature_seam_for_the_discriminator(sdxl):
     module, v = load_unet(folder)
     x, ctx, extra = _inputs(SDXL_LIKE, 2, (16, 16), 11)
     t = np.array([10.0, 20.0], np.float32)
-    base = module.apply(v, x, t, ctx, **extra)
+    apply = jax.jit(module.apply, static_argnames="return_features")
+    base = apply(v, x, t, ctx, **extra)
     zeros = tuple(jnp.zeros((2, 16 >> i, 16 >> i, c)) for i, c in enumerate((32, 32, 64)))
-    out, feats = module.apply(v, x, t, ctx, **extra, down_block_additional_inputs=zeros, return_features=True)
+    out, feats = apply(v, x, t, ctx, **extra, down_block_additional_inputs=zeros, return_features=True)
     np.testing.assert_array_equal(base, out)
     assert [f.shape for f in feats.down] == [(2, 16, 16, 32), (2, 8, 8, 64), (2, 4, 4, 96)]
     assert feats.mid.shape == (2, 4, 4, 96)
@@ -203,7 +241,7 @@ def test_feature_seam_for_the_discriminator(sdxl):
         assert f.out.shape == (2, res, res, ch)
         assert len(f.skips) == 3 and all(s.shape[1:3] == (res, res) for s in f.skips)
     bumped = (None, jnp.ones((2, 8, 8, 32)), None)
-    assert not np.allclose(base, module.apply(v, x, t, ctx, **extra, down_block_additional_inputs=bumped))
+    assert not np.allclose(base, apply(v, x, t, ctx, **extra, down_block_additional_inputs=bumped))
 
 
 def test_exported_config_rebuilds_same_architecture(sd15, tmp_path):
