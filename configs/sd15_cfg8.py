@@ -1,0 +1,15 @@
+"""SD-CFG-8 (paper Table A1): Stable Diffusion 1.5 with CFG 8, 12M pairs on LAION-aesthetic-6.0 prompts.
+
+    python -m d2g_jax.main --config=configs/sd15_cfg8.py --workdir=/runs/sd15_cfg8 \
+        --config.teacher.path=/models/stable-diffusion-v1-5 --config.pairs.prompts=/data/laion_a6.parquet
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.pairs.guidance_scale = 8.0
+    c.pairs.num_pairs = 12_000_000
+    c.pairs.resolution = 512
+    return c
