@@ -239,9 +239,10 @@ def attention_core(
 ) -> jax.Array:
     """Multi-head softmax attention (scale 1/√H). q: [B, Tq, D], k/v: [B, Tk, D] → [B, Tq, D].
 
-    impl: 'xla' → `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies),
-    'blocked' → `_blocked_attention`; None picks 'blocked' on CPU for large score tensors (≥ 2²⁰ elements
-    per head; smaller ones gain nothing from blocking) and 'xla' otherwise.
+    impl: 'xla' → `jax.nn.dot_product_attention` with XLA's implementation; 'cudnn' → its cuDNN flash-attention
+    kernel (GPU, bf16/fp16 only); 'blocked' → `_blocked_attention`. None picks 'blocked' on CPU for large score
+    tensors (≥ 2²⁰ elements per head; smaller ones gain nothing from blocking), 'cudnn' on GPU for half-precision
+    inputs when cuDNN accepts the shapes (it refuses at trace time otherwise), and 'xla' elsewhere.
     """
     b, tq, d = q.shape
     dtype = q.dtype
@@ -249,13 +250,23 @@ def attention_core(
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, a.shape[2] // heads)
     if impl is None:
-        impl = "blocked" if jax.default_backend() == "cpu" and tq * k.shape[1] >= 2**20 else "xla"
+        backend = jax.default_backend()
+        if backend == "cpu" and tq * k.shape[1] >= 2**20:
+            impl = "blocked"
+        elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                o = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="cudnn")
+                return o.reshape(b, tq, -1).astype(dtype)
+            except Exception:  # noqa: BLE001 - cuDNN refuses this shape/version: XLA's path computes the same
+                impl = "xla"
+        else:
+            impl = "xla"
     if impl == "blocked":
         o = _blocked_attention(split(q), split(k), split(v))
-    elif impl == "xla":
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    elif impl in ("xla", "cudnn"):
+        o = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)
     else:
-        raise ValueError(f"attention impl {impl!r}: use 'xla' or 'blocked'.")
+        raise ValueError(f"attention impl {impl!r}: use 'xla', 'cudnn' or 'blocked'.")
     return o.reshape(b, tq, -1).astype(dtype)
 
 
