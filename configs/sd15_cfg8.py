@@ -12,4 +12,8 @@ def get_config():
     c.pairs.guidance_scale = 8.0
     c.pairs.num_pairs = 12_000_000
     c.pairs.resolution = 512
+    c.train.num_steps = 50_000  # Table A1: first stage 50k
+    c.train.batch_size = 2048  # Table A1: 2048 → 1024 (stage 1 → stage 2)
+    c.loss.kind = "e_latent_lpips"  # Table A1: E-LatentLPIPS, bgc + cutout
+    c.loss.augment = "bgco"
     return c

@@ -13,5 +13,11 @@ def get_config():
     c.pairs.num_pairs = 8_000_000
     c.pairs.resolution = 1024
     c.pairs.batch_size = 32
+    c.train.num_steps = 20_000  # Table A1: first stage 20k
+    c.train.batch_size = 1024  # Table A1: 1024 → 512 (stage 1 → stage 2)
+    c.train.remat = "nothing_saveable"  # 2.6B-parameter U-Net at 128×128 latents
+    c.loss.kind = "e_latent_lpips"  # Table A1: E-LatentLPIPS, bgc + cutout
+    c.loss.augment = "bgco"
+    c.loss.encoder = "sdxl"
     c.pairs.shard_size = 2048
     return c

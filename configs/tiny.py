@@ -14,8 +14,23 @@ def get_config():
     c.pairs.num_pairs = 64
     c.pairs.guidance_scale = 3.0
     c.pairs.num_steps = 10
-    c.pairs.resolution = 64  # tiny VAE downscales by 4 → 16×16 latents
+    c.pairs.resolution = 32  # tiny VAE downscales by 4 → 8×8 latents
     c.pairs.batch_size = 16
     c.pairs.shard_size = 32
+    c.train.num_steps = 60
+    c.train.batch_size = 8
+    c.train.lr = 1e-4
+    c.train.lr_end = 1e-5
+    c.train.ema_start = 20
+    c.train.ema_beta = 0.9
+    c.train.dtype = "float32"
+    c.train.holdout = 8
+    c.train.num_samples = 4
+    c.train.log_every = 10
+    c.train.eval_every = 30
+    c.train.sample_every = 30
+    c.train.ckpt_every = 30
+    c.train.prefetch = 16
+    c.loss.random_weights = True  # no LatentVGG checkpoint needed
     c.log_every_s = 5.0
     return c

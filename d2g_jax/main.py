@@ -1,18 +1,89 @@
 """Entry point: `python -m d2g_jax.main --config=configs/<name>.py --workdir=DIR [--config.x=y ...]`.
 
-Thin by design (flax examples): parses flags, locks the config, and hands it to `d2g_jax.pipeline.run`.
+Thin by design (flax examples): parses flags, starts `jax.distributed` when asked, locks the config, and hands
+it to `d2g_jax.pipeline.run`.
+
+Multi-host (one process per host, see launch/): `--jax_distributed` lets JAX detect the cluster (SLURM, Cloud
+TPU, ...); `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` set it explicitly.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (pairs, checkpoints, logs, exports).")
+_DIST = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (cluster auto-detection).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --jax_distributed).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def init_distributed() -> None:
+    explicit = [_COORD.value, _NPROC.value, _PID.value]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise app.UsageError("--coordinator_address, --num_processes and --process_id go together.")
+        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    elif _DIST.value:
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+
+
+def _config_file(argv) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].split(":", 1)[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _unknown_field_message(argv) -> str | None:
+    """Names the first `--config.a.b=` override whose field does not exist, with the fields that do."""
+    import importlib.util
+
+    path = _config_file(argv)
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("_d2g_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        keys = a[len("--config.") :].split("=", 1)[0].split(".")
+        node, seen = config, []
+        for k in keys:
+            if not hasattr(node, "keys") or k not in node.keys():
+                where = "config" + "".join("." + x for x in seen)
+                have = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (f"{a}: {where} has no field {k!r} ({path}). Fields of {where}: {', '.join(have)}. "
+                        "Check the spelling; new fields must be added to the config file, not the command line.")  # fmt: skip
+            node, seen = node[k], seen + [k]
+    return None
+
+
+def parse_flags(argv):
+    """absl's parser, with a clear message for an unknown `--config.x.y` field (ml_collections raises a bare
+    AttributeError from deep inside flag parsing)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        msg = _unknown_field_message(argv)
+        raise SystemExit(f"FATAL config error: {msg or e}") from None
+    except flags.Error as e:
+        raise SystemExit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.") from None
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    init_distributed()
     from d2g_jax import pipeline
 
     logging.info("config:\n%s", _CONFIG.value)
@@ -21,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

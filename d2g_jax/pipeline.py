@@ -1,7 +1,7 @@
-"""The job behind `d2g_jax.main`: teacher pairs → (stage 1 → stage 2 → export, with their issues).
+"""The job behind `d2g_jax.main`: teacher pairs → stage-1 training → export of the EMA generator.
 
 Each phase is resumable: rerunning the same command skips what is complete and continues what is not.
-`config.mode` selects one phase ("pairs") or all of them in order ("all").
+`config.mode` selects one phase ("pairs", "train", "export") or all of them in order ("all").
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
-PHASES = ("pairs",)  # in order; "all" runs each
-FUTURE_PHASES = {"train": "stage-1/2 training", "export": "export", "sample": "sampling", "eval": "evaluation"}
+PHASES = ("pairs", "train", "export")  # in order; "all" runs each
+FUTURE_PHASES = {"sample": "sampling", "eval": "evaluation"}
 
 # Prompts for the tiny teacher (configs/tiny.py), which needs no dataset on disk.
 TINY_PROMPTS = (
@@ -25,27 +26,37 @@ TINY_PROMPTS = (
 )  # fmt: skip
 
 
+def _write_tiny_teacher(path: str, seed: int) -> None:
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return
+    import shutil
+
+    from d2g_jax.models.tiny import write_tiny_pipeline
+
+    if os.path.isdir(path):  # a creation killed half-way: nothing else ever writes here
+        shutil.rmtree(path)
+    tmp = path + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    write_tiny_pipeline(tmp, seed=seed)
+    os.replace(tmp, path)
+    logging.info("wrote a random tiny SD pipeline to %s", path)
+
+
 def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     """The teacher pipeline folder; with `teacher.tiny` it is created once in `<workdir>/tiny_teacher`."""
     if config.teacher.tiny:
         if config.teacher.path:
             raise ValueError("config.teacher.tiny=True and config.teacher.path are exclusive: set one of them.")
         path = os.path.join(workdir, "tiny_teacher")
-        if not os.path.isfile(os.path.join(path, "model_index.json")):
-            from d2g_jax.models.tiny import write_tiny_pipeline
+        if jax.process_count() > 1:  # one writer (process 0), the others wait for it
+            from jax.experimental import multihost_utils
 
-            if os.path.isdir(path):  # a creation killed half-way: nothing else ever writes here
-                import shutil
-
-                shutil.rmtree(path)
-            tmp = path + ".tmp"
-            if os.path.isdir(tmp):
-                import shutil
-
-                shutil.rmtree(tmp)
-            write_tiny_pipeline(tmp, seed=config.seed)
-            os.replace(tmp, path)
-            logging.info("wrote a random tiny SD pipeline to %s", path)
+            if jax.process_index() == 0:
+                _write_tiny_teacher(path, config.seed)
+            multihost_utils.sync_global_devices("d2g_jax: tiny teacher written")
+            return path
+        _write_tiny_teacher(path, config.seed)
         return path
     if not config.teacher.path:
         raise ValueError("config.teacher.path is empty: point it at a diffusers pipeline folder "
@@ -88,6 +99,76 @@ def run_pairs(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return manifest
 
 
+def pairs_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.pairs.dir or os.path.join(workdir, "pairs")
+
+
+def _trainer(config: ml_collections.ConfigDict, workdir: str):
+    from d2g_jax.data.pairs_writer import read_manifest
+    from d2g_jax.train.trainer import Trainer
+
+    path = teacher_path(config, workdir)
+    pdir = pairs_dir(config, workdir)
+    manifest = read_manifest(pdir)
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(f"{pdir}: no complete pair set; run the pairs phase first "
+                                "(--config.mode=pairs, or --config.mode=all).")  # fmt: skip
+    return Trainer(config, workdir, path, pdir)
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str):
+    """Phase 2: stage 1 (ODE distillation with E-LatentLPIPS); resumes from the latest checkpoint."""
+    trainer = _trainer(config, workdir)
+    state = trainer.run()
+    return trainer, state
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str, trainer=None, state=None) -> str:
+    """Phase 3: the EMA generator of the latest checkpoint → `<export.dir>/step_<N>/unet` (diffusers format).
+
+    The folder is loaded by `diffusers.UNet2DConditionModel.from_pretrained`; sample it in one step at the
+    teacher's last timestep (x0 = (z − σ_T ε) / α_T). An existing export of the same step is kept as it is.
+    """
+    import json
+
+    from d2g_jax.models.unet import save_unet
+
+    if trainer is None:
+        trainer = _trainer(config, workdir)
+    if state is None:
+        step = trainer.mgr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{trainer.dir}/checkpoints: no checkpoint to export; train first.")
+        state = trainer.restore_or_init()
+    step = int(jax.device_get(state.step))
+    out = os.path.join(config.export.dir or os.path.join(workdir, "export"), f"step_{step:08d}")
+    unet_dir = os.path.join(out, "unet")
+    if os.path.isfile(os.path.join(out, "export.json")):
+        logging.info("export: %s already holds step %d", out, step)
+        return unet_dir
+    from jax.experimental import multihost_utils
+
+    # FSDP shards of other hosts are not addressable here: gather the full EMA params on every process.
+    ema = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable or x.is_fully_replicated
+                       else multihost_utils.process_allgather(x, tiled=True), state.ema)  # fmt: skip
+    if jax.process_index() == 0:
+        if os.path.isdir(unet_dir):  # an export killed half-way (no export.json): nothing else writes here
+            import shutil
+
+            shutil.rmtree(unet_dir)
+        save_unet(unet_dir, trainer.unet.config, {"params": ema}, dtype=jnp.dtype(config.export.dtype))
+        gen = trainer.gen
+        info = {"step": step, "stage": trainer.stage, "teacher": os.path.abspath(trainer.teacher_folder),
+                "timestep": gen.t, "alpha_T": gen.alpha_sigma[0], "sigma_T": gen.alpha_sigma[1],
+                "prediction_type": gen.schedule.prediction_type,
+                "x0": "(z - sigma_T * eps) / alpha_T" if gen.schedule.prediction_type == "epsilon"
+                else "alpha_T * z - sigma_T * v"}  # fmt: skip
+        with open(os.path.join(out, "export.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    logging.info("export: EMA generator of step %d → %s", step, unet_dir)
+    return unet_dir
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs `config.mode` ("all" or one phase) in `workdir`."""
     if not workdir:
@@ -99,7 +180,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                          f"available: {('all',) + PHASES}.")  # fmt: skip
     if mode != "all" and mode not in PHASES:
         raise ValueError(f"config.mode={mode!r} is not a phase; use one of {('all',) + PHASES}.")
-    for phase in PHASES:
-        if mode in ("all", phase):
-            logging.info("=== phase: %s", phase)
-            {"pairs": run_pairs}[phase](config, workdir)
+    trainer = state = None
+    if mode in ("all", "pairs"):
+        logging.info("=== phase: pairs")
+        run_pairs(config, workdir)
+    if mode in ("all", "train"):
+        logging.info("=== phase: train (stage 1)")
+        trainer, state = run_train(config, workdir)
+    if mode in ("all", "export"):
+        logging.info("=== phase: export")
+        run_export(config, workdir, trainer, state)

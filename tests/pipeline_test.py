@@ -49,7 +49,7 @@ def test_tiny_pairs_phase_runs_and_resumes(tmp_path):
 
 def test_bad_mode_and_teacher_path(tmp_path):
     c = _tiny(tmp_path)
-    c.mode = "train"
+    c.mode = "sample"
     with pytest.raises(ValueError, match="not part of this version"):
         pipeline.run(c, str(tmp_path))
     c.mode = "nonsense"

@@ -138,7 +138,7 @@ def random_latent_lpips(encoder: str = "sd15", seed: int = 0) -> dict:
     for path, spec in traverse_util.flatten_dict(abstract).items():
         shape, leaf = tuple(spec.shape), path[-1]
         if path[0] == "params" and leaf == "kernel" and any(str(p).startswith("lin") for p in path):
-            v = rng.random(shape) / shape[-2]
+            v = rng.random(shape)  # official heads are O(1) per channel: distances of order 0.1–1
         elif leaf == "kernel":
             v = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
         elif leaf in ("scale", "var"):

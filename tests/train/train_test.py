@@ -1,0 +1,201 @@
+"""Stage 1 end to end on the tiny config: it learns, leaves every artefact, exports a diffusers U-Net that
+computes the same generator, resumes exactly after being stopped in a new process, and refuses bad input."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from configs import tiny
+from d2g_jax import pipeline
+from d2g_jax.data.pairs_writer import PairsError
+from d2g_jax.train.checkpoint import RunMismatchError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config(teacher: str, pairs: str, **train):
+    c = tiny.get_config()
+    c.teacher.tiny, c.teacher.path, c.pairs.dir = False, teacher, pairs
+    c.pairs.prompts = os.path.join(os.path.dirname(pairs), "prompts.txt")
+    c.pairs.num_pairs = 48  # 40 train + 8 held out
+    c.train.eval_every = c.train.sample_every = 0
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """One tiny teacher and one pair set shared by the tests (each run still has its own workdir)."""
+    base = str(tmp_path_factory.mktemp("stage1"))
+    with open(os.path.join(base, "prompts.txt"), "w") as f:
+        f.write("\n".join(pipeline.TINY_PROMPTS) + "\n")
+    c = tiny.get_config()
+    c.pairs.num_pairs = 48
+    c.pairs.prompts = os.path.join(base, "prompts.txt")
+    pipeline.run_pairs(c, base)
+    return os.path.join(base, "tiny_teacher"), os.path.join(base, "pairs")
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_learns_and_leaves_artefacts(data, tmp_path):
+    teacher, pairs = data
+    wd = str(tmp_path / "run")
+    c = _config(teacher, pairs, num_steps=20, lr=5e-4, lr_end=5e-5, eval_every=20, sample_every=20, ckpt_every=10,
+                log_every=10, ema_start=1000)  # fmt: skip
+    c.mode = "all"
+    pipeline.run(c, wd)
+
+    rows = _jsonl(os.path.join(wd, "stage1", "metrics.jsonl"))
+    evals = [r for r in rows if "eval/mse" in r]
+    assert [r["step"] for r in evals] == [0, 20]
+    first, last = evals
+    # Held-out pairs (never trained on): the one-step student moves clearly toward the teacher's ODE outputs.
+    # eval/distill is the training objective on them: E-LatentLPIPS* with the official L1 term.
+    assert last["eval/mse"] < 0.7 * first["eval/mse"], (first, last)
+    assert last["eval/distill"] < 0.8 * first["eval/distill"], (first, last)
+    # The perceptual part alone (random LatentVGG here, unit-normalised features, nearly blind to the 1/α_T ≈ 15×
+    # overshoot of a random teacher's x0 = (z − σε)/α at step 0) moves slowly in 20 steps; it must not get worse.
+    assert last["eval/e_latent_lpips"] < first["eval/e_latent_lpips"], (first, last)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [10, 20] and all(np.isfinite(r["loss"]) for r in train)
+
+    assert sorted(os.listdir(os.path.join(wd, "stage1", "checkpoints"))) == ["10", "20"]
+    assert glob.glob(os.path.join(wd, "stage1", "tb", "events.out.tfevents.*"))
+    assert os.path.isfile(os.path.join(wd, "stage1", "samples", "step_00000020.png"))
+    from PIL import Image
+
+    grid = np.asarray(Image.open(os.path.join(wd, "stage1", "samples", "step_00000020.png")))
+    assert grid.shape == (2 * 32, 4 * 32, 3) and grid.std() > 0  # teacher row over student row, 4 samples
+
+    # The export is a diffusers U-Net; with x0 = (z − σ_T ε(z, T)) / α_T it is the trained generator.
+    out = os.path.join(wd, "export", "step_00000020")
+    info = json.load(open(os.path.join(out, "export.json")))
+    assert info["step"] == 20 and info["timestep"] == 999
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        eps = unet(torch.from_numpy(z).permute(0, 3, 1, 2), 999, torch.from_numpy(ctx)).sample.permute(0, 2, 3, 1)
+    x0_torch = (z - info["sigma_T"] * eps.numpy()) / info["alpha_T"]
+
+    from d2g_jax.train.trainer import Trainer
+
+    tr = Trainer(c, wd, teacher, pairs)
+    state = tr.restore_or_init()
+    assert int(state.step) == 20
+    x0 = np.asarray(tr.gen(jax.device_get(state.ema), jnp.asarray(z), {"context": jnp.asarray(ctx)}))
+    np.testing.assert_allclose(x0, x0_torch, atol=1e-4 * np.abs(x0_torch).max())
+
+    # The same command again: everything is complete, nothing is redone.
+    pipeline.run(c, wd)
+    assert len(_jsonl(os.path.join(wd, "stage1", "metrics.jsonl"))) == len(rows)
+
+    # Same workdir, another run's config: refused, nothing touched.
+    before = open(os.path.join(wd, "run.json")).read()
+    c.train.lr = 1e-3
+    with pytest.raises(RunMismatchError, match="train.lr"):
+        pipeline.run(c, wd)
+    assert open(os.path.join(wd, "run.json")).read() == before
+    assert sorted(os.listdir(os.path.join(wd, "stage1", "checkpoints"))) == ["10", "20"]
+
+
+def _main(wd, teacher, pairs, *extra):
+    cmd = [sys.executable, "-m", "d2g_jax.main", "--config=configs/tiny.py", f"--workdir={wd}", "--config.mode=train",
+           "--config.teacher.tiny=False", f"--config.teacher.path={teacher}", f"--config.pairs.dir={pairs}",
+           "--config.pairs.num_pairs=48", f"--config.pairs.prompts={os.path.dirname(pairs)}/prompts.txt",
+           "--config.train.num_steps=4", "--config.train.ckpt_every=2",
+           "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.sample_every=0", *extra]  # fmt: skip
+    # The runs compile the same step: a persistent compilation cache makes the 2nd and 3rd process skip it.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(pairs), "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def _params(wd, step):
+    state = ocp.StandardCheckpointer().restore(os.path.join(wd, "stage1", "checkpoints", str(step), "state"))
+    return {k: state[k] for k in ("params", "ema", "opt_state", "step")}
+
+
+def test_exact_resume_in_a_new_process(data, tmp_path):
+    teacher, pairs = data
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    _main(straight, teacher, pairs)
+    _main(resumed, teacher, pairs, "--config.train.stop_after=2")  # "killed" after step 2 (checkpointed)
+    assert sorted(os.listdir(os.path.join(resumed, "stage1", "checkpoints"))) == ["2"]
+    _main(resumed, teacher, pairs)  # the same command again: resumes at step 2 (data position included)
+    a, b = _jsonl(os.path.join(straight, "stage1", "metrics.jsonl")), _jsonl(os.path.join(resumed, "stage1",
+                                                                                          "metrics.jsonl"))  # fmt: skip
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and a == b  # identical per-step metrics, bit for bit
+    pa, pb = _params(straight, 4), _params(resumed, 4)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_inputs(data, tmp_path):
+    teacher, pairs = data
+    # A teacher that does not match the pairs' manifest: refused before anything is written.
+    other = str(tmp_path / "other_teacher")
+    shutil.copytree(teacher, other)
+    cfg_path = os.path.join(other, "scheduler", "scheduler_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["beta_end"] = 0.02
+    json.dump(cfg, open(cfg_path, "w"))
+    wd = str(tmp_path / "wd")
+    c = _config(other, pairs, num_steps=2)
+    c.mode = "train"
+    with pytest.raises(PairsError, match="teacher"):
+        pipeline.run(c, wd)
+    assert not os.path.exists(os.path.join(wd, "run.json"))
+    # Checkpoints without a run.json (another tool's or a hand-copied run): refused.
+    os.makedirs(os.path.join(wd, "stage1", "checkpoints", "100"))
+    with pytest.raises(RunMismatchError, match="run.json is missing"):
+        pipeline.run(_config(teacher, pairs, num_steps=2), wd)
+    # Unknown field / wrong type on the command line: the field is named, nothing runs.
+    for flag, needle in (("--config.train.bogus=1", "config.train has no field 'bogus'"),
+                         ("--config.train.lr=abc", "--config.train.lr=abc")):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "d2g_jax.main", "--config=configs/tiny.py",
+                            f"--workdir={tmp_path / 'never'}", flag], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode != 0 and needle in r.stderr, r.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "never")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    from d2g_jax.train.trainer import NonFiniteError, Trainer
+
+    teacher, pairs = data
+    wd = str(tmp_path / "nan")
+    c = _config(teacher, pairs, num_steps=6, ckpt_every=2, log_every=1)
+    tr = Trainer(c, wd, teacher, pairs)
+    real, calls = tr.global_batch, []
+
+    def poisoned(local):  # the 3rd batch carries a NaN target
+        calls.append(1)
+        if len(calls) == 3:
+            local = dict(local, latent=np.full_like(local["latent"], np.nan))
+        return real(local)
+
+    tr.global_batch = poisoned
+    with pytest.raises(NonFiniteError, match="step 3") as e:
+        tr.run()
+    assert "last good checkpoint is step 2" in str(e.value)
+    assert sorted(os.listdir(os.path.join(wd, "stage1", "checkpoints"))) == ["2"]
+    assert int(_params(wd, 2)["step"]) == 2
