@@ -40,6 +40,7 @@ def test_tiny_pairs_phase_runs_and_resumes(tmp_path):
     shards = sorted(f for f in os.listdir(os.path.join(wd, "pairs")) if f.endswith(".array_record"))
     assert len(shards) == 2
     before = {s: os.path.getmtime(os.path.join(wd, "pairs", s)) for s in shards}
+    c.mode = "pairs"
     pipeline.run(c, wd)  # rerun: nothing regenerated
     assert {s: os.path.getmtime(os.path.join(wd, "pairs", s)) for s in shards} == before
     c.pairs.guidance_scale = 7.5
