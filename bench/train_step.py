@@ -156,15 +156,17 @@ def main() -> None:
 
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    rows = [run(s, args.batch, args.iters, args.dtype, args.remat, peak) for s in args.sizes.split(",")]
     print(f"\nStage-1 train step (E-LatentLPIPS* bgo + L1, Adam, EMA), {args.dtype} compute / fp32 params, "
           f"device {kind} ×{jax.device_count()}, median of {args.iters}\n")  # fmt: skip
     print("| U-Net | params (M) | latent | batch | compile (s) | step (s) | img/s | TFLOP/step | XLA temp (GiB) | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows = []
+    for size in args.sizes.split(","):  # each row printed as soon as it is measured (a time limit keeps the rest)
+        r = run(size, args.batch, args.iters, args.dtype, args.remat, peak)
+        rows.append(r)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
         print(f"| {r['size']} | {r['params_m']:.1f} | {r['latent']}×{r['latent']} | {r['batch']} | {r['compile_s']:.1f} "
-              f"| {r['step_s']:.3f} | {r['img_s']:.2f} | {r['tflop']:.3f} | {r['temp_gib']:.2f} | {mfu} |")  # fmt: skip
+              f"| {r['step_s']:.3f} | {r['img_s']:.2f} | {r['tflop']:.3f} | {r['temp_gib']:.2f} | {mfu} |", flush=True)  # fmt: skip
     if len(rows) > 1:
         base = rows[0]
         for r in rows[1:]:

@@ -144,9 +144,9 @@ def make_train_step(gen: Generator, text: Any, loss_fn, t: ml_collections.Config
 
             def body(carry, xs):
                 k, mb = xs
-                (l, a), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, k))
+                (loss_k, a), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, k))
                 gsum, lsum, asum = carry
-                return (jax.tree.map(jnp.add, gsum, g), lsum + l, jax.tree.map(jnp.add, asum, a)), None
+                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_k, jax.tree.map(jnp.add, asum, a)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             init = (zeros, jnp.float32(0), {"distill": jnp.float32(0), "mse": jnp.float32(0)})
@@ -203,7 +203,6 @@ class Trainer:
         from d2g_jax.models.text import TextEncoder
         from d2g_jax.models.unet import abstract_variables, load_unet
         from d2g_jax.sampling import DDIMSchedule, _vae_scale_factor, pipeline_fingerprint
-
         from d2g_jax.train import checkpoint as ckpt
 
         self.config, self.workdir, self.teacher_folder = config, workdir, teacher_folder
@@ -406,9 +405,9 @@ class Trainer:
     # --- the loop ---
 
     def run(self) -> TrainState:
-        from d2g_jax.train import checkpoint as ckpt
-
         from clu import metric_writers, periodic_actions
+
+        from d2g_jax.train import checkpoint as ckpt
 
         t = self.t
         num_steps = int(t.num_steps)

@@ -199,3 +199,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert "last good checkpoint is step 2" in str(e.value)
     assert sorted(os.listdir(os.path.join(wd, "stage1", "checkpoints"))) == ["2"]
     assert int(_params(wd, 2)["step"]) == 2
+
+
+def test_gradient_accumulation_equals_the_full_batch(data, tmp_path):
+    """grad_accum=2 (a lax.scan over two micro-batches of 8) takes the same step as one batch of 16."""
+    from d2g_jax.train.trainer import Trainer
+
+    teacher, pairs = data
+    out = []
+    for accum in (1, 2):
+        # lr = adam_eps = 1: Adam's first step is then smooth in the gradient instead of ≈ lr·sign(g), whose sign
+        # flips on near-zero gradients under fp32 reordering and would hide a wrongly scaled gradient.
+        c = _config(teacher, pairs, num_steps=2, grad_accum=accum, batch_size=16,  # 8 devices × 2 micro-batches
+                    lr=1.0, lr_end=1.0, lr_schedule="constant", adam_eps=1.0)  # fmt: skip
+        c.loss.kind = "mse"  # deterministic per example (no augmentation draw), so the two must agree exactly
+        tr = Trainer(c, str(tmp_path / f"accum{accum}"), teacher, pairs)
+        state, m = tr.step_fn(tr.initial_state(), tr.frozen, tr.global_batch(next(tr.loader)))
+        out.append((jax.device_get(m), jax.tree.map(np.asarray, state.params)))
+    (m1, p1), (m2, p2) = out
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 + 1e-5 * np.abs(a).max())
