@@ -169,7 +169,7 @@ def pairs_dataset(
 
 
 def make_loader(
-    data_dir: str,
+    data_dir: str | PairsSource,
     *,
     global_batch_size: int,
     seed: int,
@@ -182,12 +182,13 @@ def make_loader(
     read_threads: int = 16,
     prefetch: int = 256,
 ) -> grain.DatasetIterator:
-    """Opens `data_dir` and returns the checkpointable iterator of host-local batches.
+    """Opens `data_dir` (or takes an already opened `PairsSource`) and returns the checkpointable iterator of
+    host-local batches.
 
     `expect`: identity fields the pairs must have (see `check_identity`). `read_threads`/`prefetch`: grain
     `ReadOptions` (threads reading records, records buffered). Other arguments as in `pairs_dataset`.
     """
-    source = PairsSource(data_dir, expect=expect)
+    source = data_dir if isinstance(data_dir, PairsSource) else PairsSource(data_dir, expect=expect)
     ds = pairs_dataset(source, global_batch_size=global_batch_size, seed=seed, shard_options=shard_options,
                        shuffle=shuffle, drop_remainder=drop_remainder, num_epochs=num_epochs, limit=limit)  # fmt: skip
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from d2g_jax.sharding import param_shardings, replicated
+from d2g_jax.sharding import replicated
 
 
 @flax.struct.dataclass
@@ -69,12 +67,6 @@ def mirror_shardings(tree: Any, params: Any, params_shardings: Any, mesh: Mesh) 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def unboxed_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
-    """`param_shardings` of a boxed abstract tree, as a tree matching the unboxed parameters."""
-    s = param_shardings(abstract_boxed, mesh)
-    return jax.tree.map(lambda x: x, s, is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
 def state_shardings(state_abstract: TrainState, params_shardings: Any, mesh: Mesh,
                     disc_shardings: Any = None) -> TrainState:  # fmt: skip
     """A `TrainState` of shardings for a (possibly abstract) state."""
@@ -104,15 +96,3 @@ def put_global(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
     return jax.tree.map(one, tree, shardings)
-
-
-def unbox(tree: Any) -> Any:
-    return nn.unbox(tree)
-
-
-def count_params(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
-
-
-def as_dtype(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)

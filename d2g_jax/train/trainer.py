@@ -230,7 +230,7 @@ class Trainer:
         n_pairs = len(source)
         holdout = min(int(t.holdout), n_pairs // 2)
         self.source, self.holdout = source, holdout
-        self.loader = make_loader(pairs_dir, global_batch_size=t.batch_size, seed=int(config.seed), expect=expect,
+        self.loader = make_loader(source, global_batch_size=t.batch_size, seed=int(config.seed),
                                   limit=n_pairs - holdout, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
 
         # Shardings.
