@@ -1,6 +1,8 @@
-"""Stage-1 train step (generator fwd+bwd through E-LatentLPIPS*, Adam, EMA): step time, img/s, FLOPs, MFU.
+"""Train steps: stage 1 (generator fwd+bwd through E-LatentLPIPS*, Adam, EMA): step time, img/s, FLOPs, MFU;
+stage 2 (`--stages 1,2`: + the multi-scale conditional discriminator, mix-and-match and lazy single-sample R1):
+step time with and without R1, peak memory.
 
-    python bench/train_step.py [--sizes tiny,mid] [--device cpu|gpu] [--iters 5] [--batch 8]
+    python bench/train_step.py [--sizes tiny,mid] [--stages 1,2] [--device cpu|gpu] [--iters 5] [--batch 8]
 
 Runs the trainer's own jitted step (`d2g_jax.train.trainer.make_train_step`: x0-parameterised U-Net generator,
 E-LatentLPIPS* with bg+cutout augmentation and the L1 term, Adam + decoupled weight decay, EMA) on random weights
@@ -140,6 +142,107 @@ def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float |
                 temp_gib=temp_gib, mfu=mfu, loss=float(m["loss"]))  # fmt: skip
 
 
+def run_stage2(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float | None) -> dict:
+    """The stage-2 step (G through E-LatentLPIPS* + GAN, D on real+fake with mix-and-match, lazy single-sample R1):
+    `disc.r1_interval=2` so steps alternate R1 / no R1 and both are timed from one compile."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from configs import base
+    from d2g_jax import sharding as shd
+    from d2g_jax.losses.elatentlpips import e_latent_lpips, random_latent_lpips
+    from d2g_jax.models.unet import UNet2DConditionModel, abstract_variables
+    from d2g_jax.sampling import DDIMSchedule
+    from d2g_jax.train.discriminator import Discriminator, abstract_disc_variables, init_disc_params
+    from d2g_jax.train.generator import Generator
+    from d2g_jax.train.optim import make_optimizer
+    from d2g_jax.train.stage2 import make_stage2_step
+    from d2g_jax.train.state import TrainState, state_shardings
+
+    cfg, side = unet_config(size)
+    ctx_dim = cfg.cross_attention_dim[0]
+    unet = UNet2DConditionModel(cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat_policy=remat)
+    mesh = shd.make_mesh(-1, 1)
+    p_sh = shd.param_shardings(abstract_variables(unet)["params"], mesh)
+    abstract = nn.unbox(abstract_variables(unet)["params"])
+
+    def init(key):
+        leaves, tree = jax.tree.flatten(abstract)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+
+    params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
+    disc = Discriminator(unet)
+    d_boxed = abstract_disc_variables(disc)["params"]
+    d_sh = shd.param_shardings(d_boxed, mesh)
+    dparams = jax.device_put(init_disc_params(disc, jax.device_get(params)), d_sh)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n_dparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dparams))
+
+    gen = Generator(unet, DDIMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    text = RandomContext(ctx_dim)
+    lpips = random_latent_lpips("sd15", 0)
+
+    def loss_fn(v, x, y, rng):
+        return e_latent_lpips(v, x, y, rng, preset="bgo", l1=True, mode="star", dtype=jnp.dtype(dtype))
+
+    c = base.get_config()
+    t = c.train
+    t.batch_size, t.ema_start = batch, 0
+    dc = c.disc
+    dc.r1_interval = 2
+    tx, lr_fn = make_optimizer(params, lr=1e-4, lr_end=1e-5, num_steps=1000)
+    dtx, dlr_fn = make_optimizer(dparams, lr=1e-4, lr_end=1e-5, num_steps=1000)
+    state = TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
+                       opt_state=jax.jit(tx.init)(params), rng=jax.random.PRNGKey(1), disc=dparams,
+                       disc_opt=jax.jit(dtx.init)(dparams))  # fmt: skip
+    sh = state_shardings(jax.eval_shape(lambda s: s, state), p_sh, mesh, d_sh)
+    rep = shd.replicated(mesh)
+    b4, b2 = shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 2)
+    fn = make_stage2_step(gen, disc, text, loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, distill_weight=1.0, gan_weight=0.25)
+    step = jax.jit(fn, in_shardings=(sh, rep, {"noise": b4, "latent": b4, "ids": (b2,), "masks": (b2,)}),
+                   out_shardings=(sh, rep), donate_argnums=(0,))  # fmt: skip
+    rng = np.random.default_rng(0)
+    data = {
+        "noise": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
+        "latent": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
+        "ids": (jnp.asarray(rng.integers(0, 1000, (batch, 77)), jnp.int32),),
+        "masks": (jnp.ones((batch, 77), jnp.int32),),
+    }
+    frozen = {"text": (jnp.asarray(rng.standard_normal((1000, ctx_dim)), jnp.float32),), "loss": lpips}
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, data).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")  # both lax.cond branches counted
+    mem = compiled.memory_analysis()
+    temp_gib = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
+    for _ in range(2):  # warm-up: one R1 step, one plain step
+        state, m = compiled(state, frozen, data)
+    jax.block_until_ready(m)
+    plain, r1 = [], []
+    for _ in range(iters):
+        for bucket in (r1, plain):  # the state's step is even → R1 due
+            t0 = time.perf_counter()
+            state, m = compiled(state, frozen, data)
+            jax.block_until_ready(m)
+            bucket.append(time.perf_counter() - t0)
+    assert float(m["r1_applied"]) == 0.0
+    dt, dt_r1 = statistics.median(plain), statistics.median(r1)
+    peak_gib = None
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        peak_gib = stats["peak_bytes_in_use"] / 2**30
+    amortised = (15 * dt + dt_r1) / 16  # Table A1: R1 every 16 steps
+    return dict(size=size, params_m=n_params / 1e6, dparams_m=n_dparams / 1e6, latent=side, batch=batch,
+                compile_s=compile_s, step_s=dt, r1_step_s=dt_r1, amortised_s=amortised, img_s=batch / amortised,
+                tflop=flops / 1e12, temp_gib=temp_gib, peak_gib=peak_gib,
+                mfu=None, loss=float(m["loss"]))  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="tiny,mid")
@@ -149,6 +252,7 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--peak_tflops", type=float, default=None)
+    p.add_argument("--stages", default="1", help="1, 2 or 1,2 (stage 2 = G+D+R1 step)")
     args = p.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -156,6 +260,9 @@ def main() -> None:
 
     kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    stages = args.stages.split(",")
+    if "1" not in stages:
+        return main_stage2(args, kind)
     print(f"\nStage-1 train step (E-LatentLPIPS* bgo + L1, Adam, EMA), {args.dtype} compute / fp32 params, "
           f"device {kind} ×{jax.device_count()}, median of {args.iters}\n")  # fmt: skip
     print("| U-Net | params (M) | latent | batch | compile (s) | step (s) | img/s | TFLOP/step | XLA temp (GiB) | MFU |")
@@ -172,6 +279,26 @@ def main() -> None:
         for r in rows[1:]:
             print(f"* {r['size']} / {base['size']}: step time {r['step_s'] / base['step_s']:.1f}×, "
                   f"FLOPs {r['tflop'] / base['tflop']:.1f}×")  # fmt: skip
+
+
+    if "2" in stages:
+        main_stage2(args, kind)
+
+
+def main_stage2(args, kind) -> None:
+    import jax
+
+    print(f"\nStage-2 train step (G: E-LatentLPIPS* + λ·GAN; D: real+fake with mix-and-match; single-sample R1), "
+          f"{args.dtype} compute / fp32 params, device {kind} ×{jax.device_count()}, median of {args.iters}\n")  # fmt: skip
+    print("| U-Net | G / D params (M) | latent | batch | compile (s) | step (s) | R1 step (s) | step, R1 every 16 (s) "
+          "| img/s | XLA temp (GiB) | peak (GiB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for size in args.sizes.split(","):
+        r = run_stage2(size, args.batch, args.iters, args.dtype, args.remat, None)
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "–"
+        print(f"| {r['size']} | {r['params_m']:.1f} / {r['dparams_m']:.1f} | {r['latent']}×{r['latent']} | {r['batch']} "
+              f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['r1_step_s']:.3f} | {r['amortised_s']:.3f} "
+              f"| {r['img_s']:.2f} | {r['temp_gib']:.2f} | {peak} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

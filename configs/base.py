@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Which phase to run: "all" runs pairs → train (stage 1) → export, each resuming where it stopped;
+    # Which phase to run: "all" runs pairs → train (stage 1, then stage 2) → export, each resuming where it stopped;
     # "pairs", "train" or "export" runs that phase alone.
     c.mode = "all"
     c.seed = 0  # global seed: pair i's noise is fold_in(PRNGKey(seed), i), so any pair can be regenerated
@@ -62,6 +62,52 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep = 3  # checkpoints kept
     c.train.async_ckpt = True  # Orbax asynchronous saves
     c.train.prefetch = 256  # records buffered by the grain reader
+
+    # Stage 2 (Table A1 "second stage", §3.3): G fine-tuned with L_distil + λ_GAN · L_GAN against the multi-scale
+    # conditional diffusion discriminator (config.disc). G fields not listed here come from config.train.
+    # It starts from the last stage-1 checkpoint (G, EMA; fresh optimisers; D from the teacher).
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.num_steps = 10_000  # Table A1: second-stage iterations (SD-CFG-3/8 10k, SDXL 30k); 0 = no stage 2
+    c.stage2.batch_size = 256  # Table A1: SD-CFG-3 256, SD-CFG-8 1024, SDXL 512
+    c.stage2.gan_weight = 0.25  # Table A1: L_GAN strength λ_GAN (SD 0.25, SDXL 1.0)
+    c.stage2.lr = 1e-4  # Table A1: G learning rate 1e-4 → 1e-5 (the schedule restarts over the stage-2 steps)
+    c.stage2.lr_end = 1e-5
+    c.stage2.ema_start = 0  # the EMA carries on from stage 1's (already past its 4k start)
+    c.stage2.log_every = 100
+    c.stage2.eval_every = 1000  # 0 = never
+    c.stage2.sample_every = 1000  # 0 = never
+    c.stage2.ckpt_every = 1000
+    c.stage2.stop_after = 0  # stop this process after that many stage-2 steps, checkpointed; 0 = off
+    c.stage2.init_from = ""  # "" = this workdir's stage 1; else another run's workdir (same teacher): skip stage 1
+
+    # The discriminator and its optimiser (Table A1 "D", Table 2 ablation switches).
+    # Table 2 rows: "+ Diffusion D": z_cond=False, r1_gamma=0, multiscale_in/out=False, mix_match_fraction=0;
+    # "+ z conditional D": z_cond=True; "+ Single-sample R1": r1_gamma=0.01; "+ Multi-scale training":
+    # multiscale_in=multiscale_out=True; "+ Mix-and-match": mix_match_fraction > 0 (all on = the defaults).
+    c.disc = ml_collections.ConfigDict()
+    c.disc.z_cond = True  # condition D on the generator's noise z (zero-initialised conv after conv_in)
+    c.disc.multiscale_in = True  # resized latent injected at every down block (zero-initialised convs)
+    c.disc.multiscale_out = True  # three read-outs (skip / upsampled / combined) at every decoder scale
+    c.disc.r1_gamma = 0.01  # Table A1: single-sample R1 strength (SDXL: none → 0); 0 = off
+    c.disc.r1_interval = 16  # Table A1: lazy R1 every 16 D steps (γ scaled by the interval)
+    c.disc.r1_samples = 1  # R1 on this many real examples of each batch (1 = the paper's single-sample R1)
+    c.disc.mix_match_fraction = 0.25  # share of D's fake batch replaced by mismatched real latents (paper: unstated)
+    c.disc.mix_match_types = "noise,text,both"  # what the replaced rows mismatch, cycled over those rows
+    c.disc.noise_aug = False  # Table A1 "noise augment before D" (SDXL: True): x_t = α_t x + σ_t ε, t random
+    c.disc.noise_aug_t_min = 0  # timestep range of that noise (paper: unstated; UFOGen samples the whole schedule)
+    c.disc.noise_aug_t_max = 999
+    c.disc.timestep = 0  # D's timestep when noise_aug is off (D sees clean latents)
+    c.disc.remat = ""  # "" = config.train.remat
+    c.disc.lr = 1e-4  # Table A1: D learning rate 1e-4 → 1e-5
+    c.disc.lr_end = 1e-5
+    c.disc.lr_schedule = "cosine"
+    c.disc.warmup_steps = 0
+    c.disc.b1 = 0.9  # Table A1: D β1 (SDXL 0.0)
+    c.disc.b2 = 0.999  # Table A1: D β2 (SDXL 0.99)
+    c.disc.adam_eps = 1e-8
+    c.disc.weight_decay = 1e-2  # Table A1
+    c.disc.weight_decay_attention = 1e-5  # Table A1
+    c.disc.grad_clip = 0.0
 
     # The distillation loss (Table A1 "L_distil").
     c.loss = ml_collections.ConfigDict()

@@ -16,4 +16,5 @@ def get_config():
     c.train.batch_size = 2048  # Table A1: 2048 → 1024 (stage 1 → stage 2)
     c.loss.kind = "e_latent_lpips"  # Table A1: E-LatentLPIPS, bgc + cutout
     c.loss.augment = "bgco"
+    c.stage2.batch_size = 1024  # Table A1: 2048 → 1024
     return c

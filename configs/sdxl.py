@@ -20,4 +20,10 @@ def get_config():
     c.loss.augment = "bgco"
     c.loss.encoder = "sdxl"
     c.pairs.shard_size = 2048
+    c.stage2.num_steps = 30_000  # Table A1: second stage 30k
+    c.stage2.batch_size = 512  # Table A1: 1024 → 512
+    c.stage2.gan_weight = 1.0  # Table A1: λ_GAN 1.0
+    c.disc.r1_gamma = 0.0  # Table A1: no R1 for SDXL
+    c.disc.b1, c.disc.b2 = 0.0, 0.99  # Table A1: D Adam β = (0, 0.99)
+    c.disc.noise_aug = True  # Table A1: noise augment before D
     return c

@@ -31,6 +31,13 @@ def get_config():
     c.train.sample_every = 30
     c.train.ckpt_every = 30
     c.train.prefetch = 16
+    c.stage2.num_steps = 20
+    c.stage2.batch_size = 8
+    c.stage2.log_every = 10
+    c.stage2.eval_every = 20
+    c.stage2.sample_every = 20
+    c.stage2.ckpt_every = 10
+    c.disc.r1_interval = 4  # exercise the lazy R1 branch within the few tiny steps
     c.loss.random_weights = True  # no LatentVGG checkpoint needed
     c.log_every_s = 5.0
     return c

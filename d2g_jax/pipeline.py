@@ -1,7 +1,7 @@
-"""The job behind `d2g_jax.main`: teacher pairs → stage-1 training → export of the EMA generator.
+"""The job behind `d2g_jax.main`: teacher pairs → stage 1 → stage 2 → export of the EMA generator.
 
 Each phase is resumable: rerunning the same command skips what is complete and continues what is not.
-`config.mode` selects one phase ("pairs", "train", "export") or all of them in order ("all").
+`config.mode` selects one phase ("pairs", "train" = both stages, "export") or all of them in order ("all").
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def pairs_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.pairs.dir or os.path.join(workdir, "pairs")
 
 
-def _trainer(config: ml_collections.ConfigDict, workdir: str):
+def _trainer(config: ml_collections.ConfigDict, workdir: str, stage: str = "stage1"):
     from d2g_jax.data.pairs_writer import read_manifest
+    from d2g_jax.train.stage2 import Stage2Trainer
     from d2g_jax.train.trainer import Trainer
 
     path = teacher_path(config, workdir)
@@ -113,14 +114,37 @@ def _trainer(config: ml_collections.ConfigDict, workdir: str):
     if manifest is None or not manifest.get("complete"):
         raise FileNotFoundError(f"{pdir}: no complete pair set; run the pairs phase first "
                                 "(--config.mode=pairs, or --config.mode=all).")  # fmt: skip
-    return Trainer(config, workdir, path, pdir)
+    return (Stage2Trainer if stage == "stage2" else Trainer)(config, workdir, path, pdir)
+
+
+def final_stage(config: ml_collections.ConfigDict) -> str:
+    return "stage2" if int(config.stage2.num_steps) > 0 else "stage1"
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str):
-    """Phase 2: stage 1 (ODE distillation with E-LatentLPIPS); resumes from the latest checkpoint."""
-    trainer = _trainer(config, workdir)
-    state = trainer.run()
-    return trainer, state
+    """Phase 2: stage 1 (ODE distillation with E-LatentLPIPS), then stage 2 (+ the conditional GAN) when
+    `config.stage2.num_steps > 0`; each resumes from its latest checkpoint.
+
+    Returns `(trainer, state, finished)`; `finished` is False when a stage stopped early (stop_after or a
+    preemption signal, checkpointed): the job then ends there and the same command continues it.
+    """
+    stages = ["stage1"] if not config.stage2.init_from else []
+    if final_stage(config) == "stage2":
+        stages.append("stage2")
+    if not stages:
+        raise ValueError("config.stage2.init_from is set (stage 1 comes from another run) but config.stage2.num_steps "
+                         "is 0: nothing to train.")  # fmt: skip
+    trainer = state = None
+    for stage in stages:
+        logging.info("=== %s", stage)
+        trainer = _trainer(config, workdir, stage)
+        state = trainer.run()
+        if int(jax.device_get(state.step)) < int(trainer.t.num_steps):
+            logging.warning("%s stopped at step %d of %d (checkpointed); rerun the same command to continue.",
+                            stage, int(jax.device_get(state.step)), int(trainer.t.num_steps))  # fmt: skip
+            return trainer, state, False
+        trainer.mgr.wait_until_finished()
+    return trainer, state, True
 
 
 def run_export(config: ml_collections.ConfigDict, workdir: str, trainer=None, state=None) -> str:
@@ -134,7 +158,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, trainer=None, st
     from d2g_jax.models.unet import save_unet
 
     if trainer is None:
-        trainer = _trainer(config, workdir)
+        trainer = _trainer(config, workdir, final_stage(config))
     if state is None:
         step = trainer.mgr.latest_step()
         if step is None:
@@ -185,8 +209,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         logging.info("=== phase: pairs")
         run_pairs(config, workdir)
     if mode in ("all", "train"):
-        logging.info("=== phase: train (stage 1)")
-        trainer, state = run_train(config, workdir)
+        logging.info("=== phase: train")
+        trainer, state, finished = run_train(config, workdir)
+        if not finished:
+            return
     if mode in ("all", "export"):
         logging.info("=== phase: export")
         run_export(config, workdir, trainer, state)

@@ -11,6 +11,7 @@ biases/norm scales by their output axis.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -234,6 +235,23 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_elems: in
     return o.reshape(b, n, nblk * blk, h)[:, :, :tq].transpose(0, 2, 1, 3)
 
 
+_IMPL_OVERRIDE: list[str] = []  # innermost `attention_implementation(...)` scope wins
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: str):
+    """Forces `attention_core`'s automatic choice to `impl` while tracing inside the scope.
+
+    The discriminator's R1 penalty differentiates twice through attention; cuDNN's flash kernel has no second
+    derivative, so that path is traced under `attention_implementation("xla")`.
+    """
+    _IMPL_OVERRIDE.append(impl)
+    try:
+        yield
+    finally:
+        _IMPL_OVERRIDE.pop()
+
+
 def attention_core(
     q: jax.Array, k: jax.Array, v: jax.Array, heads: int, upcast: bool = False, impl: str | None = None
 ) -> jax.Array:
@@ -249,6 +267,8 @@ def attention_core(
     if upcast:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, a.shape[2] // heads)
+    if impl is None and _IMPL_OVERRIDE:
+        impl = _IMPL_OVERRIDE[-1]
     if impl is None:
         backend = jax.default_backend()
         if backend == "cpu" and tq * k.shape[1] >= 2**20:

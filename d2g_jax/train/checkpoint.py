@@ -25,7 +25,7 @@ VOLATILE = (
     "pairs.batch_size", "teacher.dtype",
     "train.log_every", "train.eval_every", "train.sample_every", "train.ckpt_every", "train.keep",
     "train.async_ckpt", "train.num_samples", "train.prefetch", "train.stop_after",
-    "stage2.log_every", "stage2.eval_every", "stage2.sample_every", "stage2.ckpt_every",
+    "stage2.log_every", "stage2.eval_every", "stage2.sample_every", "stage2.ckpt_every", "stage2.stop_after",
 )  # fmt: skip
 
 

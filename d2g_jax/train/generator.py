@@ -60,15 +60,19 @@ class Generator:
         ac = float(np.asarray(self.schedule.alphas_cumprod, np.float32)[self.t])
         return float(np.sqrt(np.float32(ac))), float(np.sqrt(np.float32(1.0 - ac)))
 
+    def added_conditions(self, cond: Mapping[str, jax.Array], b: int, h: int, w: int) -> dict[str, jax.Array]:
+        """SDXL's added U-Net inputs (pooled text embedding + (size, crop, size) ids) for [B, h, w] latents; {} for SD."""
+        if cond.get("pooled") is None:
+            return {}
+        time_ids = cond.get("time_ids")
+        if time_ids is None:
+            time_ids = sdxl_time_ids(h * self.vae_scale_factor, w * self.vae_scale_factor, b)
+        return {"text_embeds": cond["pooled"], "time_ids": time_ids}
+
     def unet_output(self, params: Any, z: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
         """The raw U-Net prediction (ε or v) at timestep T, float32 [B, h, w, c]."""
         b, h, w = z.shape[:3]
-        added = {}
-        if cond.get("pooled") is not None:  # SDXL: pooled text embedding + (size, crop, size) ids
-            time_ids = cond.get("time_ids")
-            if time_ids is None:
-                time_ids = sdxl_time_ids(h * self.vae_scale_factor, w * self.vae_scale_factor, b)
-            added = {"text_embeds": cond["pooled"], "time_ids": time_ids}
+        added = self.added_conditions(cond, b, h, w)
         t = jnp.full((b,), self.t, jnp.int32)
         out = self.unet.apply({"params": params}, z.astype(self.unet.dtype), t, cond["context"], **added)
         return out.astype(jnp.float32)

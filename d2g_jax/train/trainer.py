@@ -230,7 +230,7 @@ class Trainer:
         n_pairs = len(source)
         holdout = min(int(t.holdout), n_pairs // 2)
         self.source, self.holdout = source, holdout
-        self.loader = make_loader(source, global_batch_size=t.batch_size, seed=int(config.seed),
+        self.loader = make_loader(source, global_batch_size=t.batch_size, seed=self.data_seed(),
                                   limit=n_pairs - holdout, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
 
         # Shardings.
@@ -244,19 +244,14 @@ class Trainer:
         }
         self.frozen_sh = jax.tree.map(lambda _: rep, self.frozen)
         self.init_params = variables["params"]
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                                       self.init_params)  # fmt: skip
-        abstract_state = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, ema=abstract_params,
-            opt_state=jax.eval_shape(self.tx.init, abstract_params),
-            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-        )  # fmt: skip
-        self.state_sh = state_shardings(abstract_state, self.param_sh, self.mesh)
+        self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                            self.init_params)  # fmt: skip
+        self.batch_axes = shd.MESH_AXES
+        self.batch_sh = self._batch_shardings()
+        abstract_state, step = self.build_step()
+        self.state_sh = state_shardings(abstract_state, self.param_sh, self.mesh, getattr(self, "disc_sh", None))
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            abstract_state, self.state_sh)  # fmt: skip
-        self.batch_axes = shd.MESH_AXES
-        step = make_train_step(self.gen, self.text, self.loss_fn, t, self.tx, self.lr_fn, float(config.loss.weight))
-        self.batch_sh = self._batch_shardings()
         self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                                out_shardings=(self.state_sh, rep), donate_argnums=(0,))  # fmt: skip
         self.mgr = ckpt.manager(os.path.join(self.dir, "checkpoints"), int(t.keep), bool(t.async_ckpt))
@@ -264,7 +259,23 @@ class Trainer:
         self._vae = None
 
     def stage_config(self) -> ml_collections.ConfigDict:
+        """The G training fields of this stage (stage 1: `config.train`)."""
         return self.config.train
+
+    def data_seed(self) -> int:
+        """Seed of this stage's data order."""
+        return int(self.config.seed)
+
+    def build_step(self) -> tuple[TrainState, Any]:
+        """`(abstract TrainState, pure step)` of this stage."""
+        abstract_state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params, ema=self.abstract_params,
+            opt_state=jax.eval_shape(self.tx.init, self.abstract_params),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        )  # fmt: skip
+        step = make_train_step(self.gen, self.text, self.loss_fn, self.t, self.tx, self.lr_fn,
+                               float(self.config.loss.weight))  # fmt: skip
+        return abstract_state, step
 
     # --- batches ---
 
@@ -306,7 +317,7 @@ class Trainer:
 
         latest = self.mgr.latest_step()
         if latest is None:
-            logging.info("%s: no checkpoint in %s, starting from the teacher's weights", self.stage, self.dir)
+            logging.info("%s: no checkpoint in %s, starting afresh", self.stage, self.dir)
             return self.initial_state()
         logging.info("%s: restoring step %d from %s", self.stage, latest, self.dir)
         return ckpt.restore(self.mgr, latest, self.abstract_state, self.loader)

@@ -266,7 +266,7 @@ def test_two_process_run_completes_steps(teacher_and_pairs, tmp_path):
             "--config.teacher.tiny=False", f"--config.teacher.path={teacher}", f"--config.pairs.dir={pairs}",
             "--config.train.num_steps=2", "--config.train.ckpt_every=2", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.mesh.data=1",
-            "--config.mesh.fsdp=4", "--config.loss.kind=mse",
+            "--config.mesh.fsdp=4", "--config.loss.kind=mse", "--config.stage2.num_steps=0",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
     procs, logs = [], []
     for i in range(2):
@@ -287,3 +287,34 @@ def test_two_process_run_completes_steps(teacher_and_pairs, tmp_path):
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, r
     assert rows[1]["loss"] != rows[0]["loss"]  # the parameters changed between the steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: D and its Adam state are FSDP-sharded like G (this pytest process has 8 CPU devices).
+
+
+def test_stage2_discriminator_is_fsdp_sharded(teacher_and_pairs, tmp_path):
+    import jax
+
+    from d2g_jax.train.stage2 import Stage2Trainer
+
+    teacher, pairs = teacher_and_pairs
+    assert jax.device_count() == 8
+    c = _load_tiny()
+    c.teacher.tiny, c.teacher.path, c.pairs.dir = False, teacher, pairs
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    tr = Stage2Trainer(c, str(tmp_path / "run"), teacher, pairs)
+    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    specs = {k: tuple(s.spec) for k, s in flat(tr.state_sh.disc).items()}
+    shapes = {k: a.shape for k, a in flat(tr.abstract_state.disc).items()}
+    assert specs.keys() == shapes.keys()
+    # Every parameter with a dimension of ≥ 32 divisible by 8 (all conv/dense kernels here) is split over fsdp.
+    big = [k for k, shp in shapes.items() if len(shp) >= 2 and max(shp) >= 32 and max(shp) % 8 == 0]
+    assert len(big) > 50 and all("fsdp" in specs[k] for k in big), [k for k in big if "fsdp" not in specs[k]][:5]
+    assert any("z_conv" in k for k in big) and any("readout_" in k and "kernel" in k for k in big)
+    # D's Adam moments mirror D's shardings; G's are unchanged by D's presence.
+    mu = [x for p, x in jax.tree_util.tree_flatten_with_path(tr.state_sh.disc_opt)[0]
+          if "mu" in jax.tree_util.keystr(p)]  # fmt: skip
+    assert len(mu) == len(specs)
+    assert sum("fsdp" in tuple(s.spec) for s in mu) == sum("fsdp" in s for s in specs.values())
+    assert sum("fsdp" in tuple(s.spec) for s in jax.tree.leaves(tr.state_sh.params)) > 50
