@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,10 +59,11 @@ def unet_config(size: str):
     raise ValueError(size)
 
 
-def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float | None) -> dict:
+def setup(size: str, batch: int, dtype: str, remat: str):
+    """What both steps share: the U-Net (random weights, sharded), the generator, the stand-in text encoder, the
+    E-LatentLPIPS* loss (random LatentVGG), a random batch and the shardings of the step's inputs."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
     from flax import linen as nn
 
@@ -70,9 +72,6 @@ def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float |
     from d2g_jax.models.unet import UNet2DConditionModel, abstract_variables
     from d2g_jax.sampling import DDIMSchedule
     from d2g_jax.train.generator import Generator
-    from d2g_jax.train.optim import make_optimizer
-    from d2g_jax.train.state import TrainState, state_shardings
-    from d2g_jax.train.trainer import make_train_step
 
     cfg, side = unet_config(size)
     ctx_dim = cfg.cross_attention_dim[0]
@@ -91,103 +90,99 @@ def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float |
     params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-    gen = Generator(unet, DDIMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    text = RandomContext(ctx_dim)
-    lpips = random_latent_lpips("sd15", 0)
 
     def loss_fn(v, x, y, rng):
         return e_latent_lpips(v, x, y, rng, preset="bgo", l1=True, mode="star", dtype=jnp.dtype(dtype))
 
-    t = ml_collections.ConfigDict({"grad_accum": 1, "ema_start": 0, "ema_beta": 0.9999})
-    tx, lr_fn = make_optimizer(params, lr=1e-4, lr_end=1e-5, num_steps=1000)
-    state = TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
-                       opt_state=jax.jit(tx.init)(params), rng=jax.random.PRNGKey(1))  # fmt: skip
-    sh = state_shardings(jax.eval_shape(lambda s: s, state), p_sh, mesh)
-    rep = shd.replicated(mesh)
-    b4 = shd.batch_sharding(mesh, 4)
-    b2 = shd.batch_sharding(mesh, 2)
-    step = jax.jit(make_train_step(gen, text, loss_fn, t, tx, lr_fn, 1.0),
-                   in_shardings=(sh, rep, {"noise": b4, "latent": b4, "ids": (b2,), "masks": (b2,)}),
-                   out_shardings=(sh, rep), donate_argnums=(0,))  # fmt: skip
     rng = np.random.default_rng(0)
-    batch = {
+    data = {
         "noise": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
         "latent": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
         "ids": (jnp.asarray(rng.integers(0, 1000, (batch, 77)), jnp.int32),),
         "masks": (jnp.ones((batch, 77), jnp.int32),),
     }
-    frozen = {"text": (jnp.asarray(rng.standard_normal((1000, ctx_dim)), jnp.float32),), "loss": lpips}
+    frozen = {"text": (jnp.asarray(rng.standard_normal((1000, ctx_dim)), jnp.float32),),
+              "loss": random_latent_lpips("sd15", 0)}  # fmt: skip
+    b4, b2 = shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 2)
+    return types.SimpleNamespace(
+        unet=unet, side=side, mesh=mesh, p_sh=p_sh, params=params, init_s=init_s,
+        n_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        gen=Generator(unet, DDIMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+        text=RandomContext(ctx_dim), loss_fn=loss_fn, data=data, frozen=frozen, rep=shd.replicated(mesh),
+        data_sh={"noise": b4, "latent": b4, "ids": (b2,), "masks": (b2,)},
+    )  # fmt: skip
+
+
+def compile_step(step, state, sh, s):
+    """jit with explicit shardings, AOT compile → (compiled, compile seconds, FLOPs, XLA temp GiB)."""
+    import jax
+
+    fn = jax.jit(step, in_shardings=(sh, s.rep, s.data_sh), out_shardings=(sh, s.rep), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = fn.lower(state, s.frozen, s.data).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     mem = compiled.memory_analysis()
     temp_gib = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
-    state, m = compiled(state, frozen, batch)
+    return compiled, compile_s, flops, temp_gib
+
+
+def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float | None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from d2g_jax.train.optim import make_optimizer
+    from d2g_jax.train.state import TrainState, state_shardings
+    from d2g_jax.train.trainer import make_train_step
+
+    s = setup(size, batch, dtype, remat)
+    params = s.params
+    t = ml_collections.ConfigDict({"grad_accum": 1, "ema_start": 0, "ema_beta": 0.9999})
+    tx, lr_fn = make_optimizer(params, lr=1e-4, lr_end=1e-5, num_steps=1000)
+    state = TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
+                       opt_state=jax.jit(tx.init)(params), rng=jax.random.PRNGKey(1))  # fmt: skip
+    sh = state_shardings(jax.eval_shape(lambda x: x, state), s.p_sh, s.mesh)
+    step = make_train_step(s.gen, s.text, s.loss_fn, t, tx, lr_fn, 1.0)
+    compiled, compile_s, flops, temp_gib = compile_step(step, state, sh, s)
+    state, m = compiled(state, s.frozen, s.data)
     jax.block_until_ready(m)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        state, m = compiled(state, frozen, batch)
+        state, m = compiled(state, s.frozen, s.data)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     mfu = flops / dt / (peak * 1e12) if peak else None
-    return dict(size=size, params_m=n_params / 1e6, latent=side, batch=batch["noise"].shape[0], init_s=init_s,
-                compile_s=compile_s, step_s=dt, img_s=batch["noise"].shape[0] / dt, tflop=flops / 1e12,
+    return dict(size=size, params_m=s.n_params / 1e6, latent=s.side, batch=batch, init_s=s.init_s,
+                compile_s=compile_s, step_s=dt, img_s=batch / dt, tflop=flops / 1e12,
                 temp_gib=temp_gib, mfu=mfu, loss=float(m["loss"]))  # fmt: skip
 
 
-def run_stage2(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float | None) -> dict:
+def run_stage2(size: str, batch: int, iters: int, dtype: str, remat: str) -> dict:
     """The stage-2 step (G through E-LatentLPIPS* + GAN, D on real+fake with mix-and-match, lazy single-sample R1):
-    `disc.r1_interval=2` so steps alternate R1 / no R1 and both are timed from one compile."""
+    `disc.r1_interval=2` so steps alternate R1 / no R1 and both are timed from one compile. (FLOPs are not
+    reported: XLA's cost analysis counts both branches of the R1 `lax.cond`.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import linen as nn
 
     from configs import base
     from d2g_jax import sharding as shd
-    from d2g_jax.losses.elatentlpips import e_latent_lpips, random_latent_lpips
-    from d2g_jax.models.unet import UNet2DConditionModel, abstract_variables
-    from d2g_jax.sampling import DDIMSchedule
     from d2g_jax.train.discriminator import Discriminator, abstract_disc_variables, init_disc_params
-    from d2g_jax.train.generator import Generator
     from d2g_jax.train.optim import make_optimizer
     from d2g_jax.train.stage2 import make_stage2_step
     from d2g_jax.train.state import TrainState, state_shardings
 
-    cfg, side = unet_config(size)
-    ctx_dim = cfg.cross_attention_dim[0]
-    unet = UNet2DConditionModel(cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, remat_policy=remat)
-    mesh = shd.make_mesh(-1, 1)
-    p_sh = shd.param_shardings(abstract_variables(unet)["params"], mesh)
-    abstract = nn.unbox(abstract_variables(unet)["params"])
-
-    def init(key):
-        leaves, tree = jax.tree.flatten(abstract)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
-
-    params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
-    disc = Discriminator(unet)
-    d_boxed = abstract_disc_variables(disc)["params"]
-    d_sh = shd.param_shardings(d_boxed, mesh)
+    s = setup(size, batch, dtype, remat)
+    params = s.params
+    disc = Discriminator(s.unet)
+    d_sh = shd.param_shardings(abstract_disc_variables(disc)["params"], s.mesh)
     dparams = jax.device_put(init_disc_params(disc, jax.device_get(params)), d_sh)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     n_dparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dparams))
-
-    gen = Generator(unet, DDIMSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    text = RandomContext(ctx_dim)
-    lpips = random_latent_lpips("sd15", 0)
-
-    def loss_fn(v, x, y, rng):
-        return e_latent_lpips(v, x, y, rng, preset="bgo", l1=True, mode="star", dtype=jnp.dtype(dtype))
-
     c = base.get_config()
     t = c.train
     t.batch_size, t.ema_start = batch, 0
@@ -198,36 +193,18 @@ def run_stage2(size: str, batch: int, iters: int, dtype: str, remat: str, peak: 
     state = TrainState(step=jnp.int32(0), params=params, ema=jax.tree.map(jnp.copy, params),
                        opt_state=jax.jit(tx.init)(params), rng=jax.random.PRNGKey(1), disc=dparams,
                        disc_opt=jax.jit(dtx.init)(dparams))  # fmt: skip
-    sh = state_shardings(jax.eval_shape(lambda s: s, state), p_sh, mesh, d_sh)
-    rep = shd.replicated(mesh)
-    b4, b2 = shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 2)
-    fn = make_stage2_step(gen, disc, text, loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, distill_weight=1.0, gan_weight=0.25)
-    step = jax.jit(fn, in_shardings=(sh, rep, {"noise": b4, "latent": b4, "ids": (b2,), "masks": (b2,)}),
-                   out_shardings=(sh, rep), donate_argnums=(0,))  # fmt: skip
-    rng = np.random.default_rng(0)
-    data = {
-        "noise": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
-        "latent": jnp.asarray(rng.standard_normal((batch, side, side, 4)), jnp.float32),
-        "ids": (jnp.asarray(rng.integers(0, 1000, (batch, 77)), jnp.int32),),
-        "masks": (jnp.ones((batch, 77), jnp.int32),),
-    }
-    frozen = {"text": (jnp.asarray(rng.standard_normal((1000, ctx_dim)), jnp.float32),), "loss": lpips}
-    t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, data).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")  # both lax.cond branches counted
-    mem = compiled.memory_analysis()
-    temp_gib = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
+    sh = state_shardings(jax.eval_shape(lambda x: x, state), s.p_sh, s.mesh, d_sh)
+    step = make_stage2_step(s.gen, disc, s.text, s.loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, distill_weight=1.0,
+                            gan_weight=0.25)  # fmt: skip
+    compiled, compile_s, _, temp_gib = compile_step(step, state, sh, s)
     for _ in range(2):  # warm-up: one R1 step, one plain step
-        state, m = compiled(state, frozen, data)
+        state, m = compiled(state, s.frozen, s.data)
     jax.block_until_ready(m)
     plain, r1 = [], []
     for _ in range(iters):
         for bucket in (r1, plain):  # the state's step is even → R1 due
             t0 = time.perf_counter()
-            state, m = compiled(state, frozen, data)
+            state, m = compiled(state, s.frozen, s.data)
             jax.block_until_ready(m)
             bucket.append(time.perf_counter() - t0)
     assert float(m["r1_applied"]) == 0.0
@@ -237,10 +214,9 @@ def run_stage2(size: str, batch: int, iters: int, dtype: str, remat: str, peak: 
     if stats and "peak_bytes_in_use" in stats:
         peak_gib = stats["peak_bytes_in_use"] / 2**30
     amortised = (15 * dt + dt_r1) / 16  # Table A1: R1 every 16 steps
-    return dict(size=size, params_m=n_params / 1e6, dparams_m=n_dparams / 1e6, latent=side, batch=batch,
+    return dict(size=size, params_m=s.n_params / 1e6, dparams_m=n_dparams / 1e6, latent=s.side, batch=batch,
                 compile_s=compile_s, step_s=dt, r1_step_s=dt_r1, amortised_s=amortised, img_s=batch / amortised,
-                tflop=flops / 1e12, temp_gib=temp_gib, peak_gib=peak_gib,
-                mfu=None, loss=float(m["loss"]))  # fmt: skip
+                temp_gib=temp_gib, peak_gib=peak_gib, loss=float(m["loss"]))  # fmt: skip
 
 
 def main() -> None:
@@ -294,7 +270,7 @@ def main_stage2(args, kind) -> None:
           "| img/s | XLA temp (GiB) | peak (GiB) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for size in args.sizes.split(","):
-        r = run_stage2(size, args.batch, args.iters, args.dtype, args.remat, None)
+        r = run_stage2(size, args.batch, args.iters, args.dtype, args.remat)
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "–"
         print(f"| {r['size']} | {r['params_m']:.1f} / {r['dparams_m']:.1f} | {r['latent']}×{r['latent']} | {r['batch']} "
               f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['r1_step_s']:.3f} | {r['amortised_s']:.3f} "
