@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Which phase to run: "all" runs pairs → train (stage 1, then stage 2) → export, each resuming where it stopped;
-    # "pairs", "train" or "export" runs that phase alone.
+    # "pairs", "train" or "export" runs that phase alone; "sample" and "eval" use the exported generator.
     c.mode = "all"
     c.seed = 0  # global seed: pair i's noise is fold_in(PRNGKey(seed), i), so any pair can be regenerated
 
@@ -128,6 +128,53 @@ def get_config() -> ml_collections.ConfigDict:
     c.export = ml_collections.ConfigDict()
     c.export.dtype = "float32"  # safetensors dtype: float32 | float16 | bfloat16
     c.export.dir = ""  # "" = <workdir>/export
+
+    # One-step sampling with the trained generator (--config.mode=sample; d2g_jax/generate.py).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompts = ""  # prompt file (.txt/.jsonl/.parquet) or tfds:…, as config.pairs.prompts
+    c.sample.prompt_field = ""  # JSONL key / parquet column ("" = first of text, caption, prompt)
+    c.sample.prompt = ""  # or prompts on the command line, "|"-separated: "a cat|a dog on a beach"
+    c.sample.num_prompts = 0  # read at most this many prompts from the file (0 = all)
+    c.sample.images_per_prompt = 1  # images per prompt (different seeds)
+    c.sample.seed = 0  # image i uses noise jax.random.normal(PRNGKey(seed + i), latent shape)
+    c.sample.batch_size = 0  # global batch of one jitted call (0 = one image per device)
+    c.sample.unet = ""  # "" = this run's latest export (exported first if needed); else a diffusers U-Net folder
+    c.sample.teacher = False  # also run the teacher's ODE (pairs.guidance_scale, pairs.num_steps) on the same noise
+    c.sample.out_dir = ""  # "" = <workdir>/samples/step_<N>
+    c.sample.grid_columns = 8
+    c.sample.dtype = ""  # U-Net/text compute dtype ("" = teacher.dtype); the VAE decodes in float32
+
+    # Evaluation with the paper's protocol (--config.mode=eval; d2g_jax/eval/; §4 "Evaluation protocols").
+    # Defaults: FID-30k / CLIP-30k / P&R-10k on COCO2014 val (Tables 1-3). COCO2017 (Tables 4-5): num_images 5000,
+    # real images = the 5,000 val2017 images, DreamSim-5k and DreamDiv on.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.prompts = ""  # COCO captions_val2014.json (or .txt/.jsonl/.parquet/tfds:…): the captions to sample from
+    c.eval.prompt_field = ""
+    c.eval.num_images = 30_000  # generated images for FID and CLIP score (FID-30k; COCO2017: 5k)
+    c.eval.real = ""  # real images: a folder (searched recursively for .jpg/.jpeg/.png) or tfds:NAME:SPLIT[:FEATURE]
+    c.eval.real_name = "coco2014_val"  # dataset name in the reference-statistics cache key
+    c.eval.num_real = 0  # real images used (0 = all: 40,504 for COCO2014 val)
+    # Cache of reference statistics (one .npz per dataset/size/resolution/extractor); "" = <workdir>/eval/reference.
+    c.eval.stats_dir = ""
+    c.eval.resolution = 256  # GigaGAN protocol: center crop + PIL LANCZOS to 256 before clean-fid's resize to 299
+    c.eval.metrics = "fid,pr,clip"  # any of fid, pr, clip, dreamsim, dreamdiv
+    c.eval.pr_num = 10_000  # Precision & Recall on this many real and generated images (paper: 10k)
+    c.eval.pr_k = 3  # k-th nearest neighbour radius (Kynkäänniemi et al. 2019)
+    c.eval.dreamsim_num = 5_000  # DreamSim-5k: student vs teacher on the same noise (teacher ODE as the pairs')
+    c.eval.dreamdiv_prompts = 1_000  # DreamDiv: prompts, each with dreamdiv_per_prompt images (paper: 8)
+    c.eval.dreamdiv_per_prompt = 8
+    c.eval.inception = ""  # clean-fid's inception-2015-12-05.pt (file or folder)
+    c.eval.clip = ""  # transformers CLIPModel folder for CLIP score (paper: OpenCLIP ViT-g-14 laion2b_s12b_b42k)
+    c.eval.dreamsim = ""  # DreamSim checkpoint folder (the unzipped release), for dreamsim / dreamdiv
+    c.eval.dreamsim_type = "ensemble"  # DreamSim's default model
+    c.eval.random_extractors = False  # tiny/smoke runs only: random-weight extractors written under <workdir>/eval
+    c.eval.batch_size = 0  # generation batch (0 = sample.batch_size)
+    c.eval.seed = 2024  # caption choice and noise seeds (image i: PRNGKey(seed + i))
+    c.eval.unet = ""  # "" = this run's latest export; else a diffusers U-Net folder
+    c.eval.teacher = False  # evaluate the teacher's 50-step ODE instead of the student (the paper's teacher rows)
+    c.eval.save_images = 0  # write the first N generated images as PNG to <workdir>/eval/<tag>_images/
+    c.eval.every = 0  # steps between small evaluations during training (0 = never); uses eval.subset images
+    c.eval.subset = 1_000
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp

@@ -2,6 +2,14 @@
 
     python -m d2g_jax.main --config=configs/sd15.py --workdir=/runs/sd15_cfg3 \
         --config.teacher.path=/models/stable-diffusion-v1-5 --config.pairs.prompts=/data/laion_a625.parquet
+
+FID-30k / CLIP-30k / Precision & Recall-10k on COCO2014 val (Tables 1-3) of the exported generator:
+
+    python -m d2g_jax.main --config=configs/sd15.py --workdir=/runs/sd15_cfg3 --config.mode=eval \
+        --config.teacher.path=/models/stable-diffusion-v1-5 \
+        --config.eval.prompts=/data/coco/annotations/captions_val2014.json --config.eval.real=/data/coco/val2014 \
+        --config.eval.inception=/models/eval/inception-2015-12-05.pt \
+        --config.eval.clip=/models/CLIP-ViT-g-14-laion2B-s12B-b42K
 """
 
 from configs import base

@@ -39,5 +39,15 @@ def get_config():
     c.stage2.ckpt_every = 10
     c.disc.r1_interval = 4  # exercise the lazy R1 branch within the few tiny steps
     c.loss.random_weights = True  # no LatentVGG checkpoint needed
+    # --config.mode=sample / eval on the tiny run: built-in prompts, random-weight extractors (smoke test only).
+    c.sample.prompt = "a photo of a cat|a red car on a street|a bowl of fruit|a mountain lake at dawn"
+    c.sample.teacher = True
+    c.eval.num_images = 16
+    c.eval.metrics = "clip,dreamsim,dreamdiv"  # fid,pr need real images: --config.eval.real=<folder>
+    c.eval.dreamsim_num = 16
+    c.eval.dreamdiv_prompts, c.eval.dreamdiv_per_prompt = 4, 4
+    c.eval.random_extractors = True
+    c.eval.dreamsim_type = "open_clip_vitb32"
+    c.eval.batch_size = 8
     c.log_every_s = 5.0
     return c

@@ -1,7 +1,8 @@
 """The job behind `d2g_jax.main`: teacher pairs → stage 1 → stage 2 → export of the EMA generator.
 
 Each phase is resumable: rerunning the same command skips what is complete and continues what is not.
-`config.mode` selects one phase ("pairs", "train" = both stages, "export") or all of them in order ("all").
+`config.mode` selects one phase ("pairs", "train" = both stages, "export") or all of them in order ("all");
+"sample" (d2g_jax/generate.py) and "eval" (d2g_jax/eval/evaluate.py) use the exported generator afterwards.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from absl import logging
 
 PHASES = ("pairs", "train", "export")  # in order; "all" runs each
-FUTURE_PHASES = {"sample": "sampling", "eval": "evaluation"}
+USE_PHASES = ("sample", "eval")  # use the exported generator; never part of "all"
 
 # Prompts for the tiny teacher (configs/tiny.py), which needs no dataset on disk.
 TINY_PROMPTS = (
@@ -199,11 +200,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ValueError("--workdir is required.")
     os.makedirs(workdir, exist_ok=True)
     mode = config.mode
-    if mode in FUTURE_PHASES:
-        raise ValueError(f"config.mode={mode!r}: {FUTURE_PHASES[mode]} is not part of this version yet; "
-                         f"available: {('all',) + PHASES}.")  # fmt: skip
-    if mode != "all" and mode not in PHASES:
-        raise ValueError(f"config.mode={mode!r} is not a phase; use one of {('all',) + PHASES}.")
+    if mode != "all" and mode not in PHASES + USE_PHASES:
+        raise ValueError(f"config.mode={mode!r} is not a phase; use one of {('all',) + PHASES + USE_PHASES}.")
+    if mode == "sample":
+        from d2g_jax.generate import run_sample
+
+        run_sample(config, workdir)
+        return
+    if mode == "eval":
+        from d2g_jax.eval.evaluate import run_eval
+
+        run_eval(config, workdir)
+        return
     trainer = state = None
     if mode in ("all", "pairs"):
         logging.info("=== phase: pairs")

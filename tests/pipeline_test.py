@@ -51,7 +51,15 @@ def test_tiny_pairs_phase_runs_and_resumes(tmp_path):
 def test_bad_mode_and_teacher_path(tmp_path):
     c = _tiny(tmp_path)
     c.mode = "sample"
-    with pytest.raises(ValueError, match="not part of this version"):
+    c.sample.prompts = str(tmp_path / "prompts.txt")  # both set: ambiguous
+    with pytest.raises(ValueError, match="exactly one of config.sample.prompts"):
+        pipeline.run(c, str(tmp_path))
+    c.sample.prompts = c.sample.prompt = ""
+    with pytest.raises(ValueError, match="exactly one of config.sample.prompts"):
+        pipeline.run(c, str(tmp_path))
+    c.mode = "eval"
+    c.eval.metrics = "fid,nonsense"
+    with pytest.raises(ValueError, match="unknown \\['nonsense'\\]"):
         pipeline.run(c, str(tmp_path))
     c.mode = "nonsense"
     with pytest.raises(ValueError, match="not a phase"):

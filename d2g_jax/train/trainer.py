@@ -413,6 +413,41 @@ class Trainer:
         self.writer.write_images(step, {"samples/teacher_top_student_bottom": grid[None]})
         return path
 
+    def paper_eval(self, state: TrainState, step: int) -> dict[str, Any]:
+        """The paper's metrics (`config.eval`: FID, P&R, CLIP score, DreamSim, DreamDiv) of the EMA generator on
+        `eval.subset` images, every `eval.every` steps: clu scalars `paper_eval/*` and
+        `<workdir>/eval/<stage>_step_<N>_subset<n>.json` (see d2g_jax/eval/evaluate.py)."""
+        from d2g_jax.eval.evaluate import Evaluator, write_results
+        from d2g_jax.generate import OneStepSampler
+
+        if getattr(self, "_paper_eval", None) is None:
+            from d2g_jax.models.vae import load_vae
+
+            e = self.config.eval
+            evaluator = Evaluator(self.config, self.workdir, int(e.subset))
+            mod, variables = load_vae(self.teacher_folder, parts=("decoder",))
+            rep = shd.replicated(self.mesh)
+            vae_vars = put_global(variables, jax.tree.map(lambda _: rep, variables))
+            n_dev = self.mesh.size
+            batch = -(-(int(e.batch_size) or n_dev) // n_dev) * n_dev
+            teacher = None
+            if "dreamsim" in evaluator.names:  # the teacher's U-Net = G's initial weights
+                teacher = put_global(self.init_params, self.param_sh)
+            shape = tuple(np.shape(self.source[0]["noise"]))
+            sampler = OneStepSampler(self.gen, None, self.text, (mod, vae_vars), self.mesh, shape, batch,
+                                     self.gen.schedule, teacher)  # fmt: skip
+            self._paper_eval = (evaluator, sampler)
+        evaluator, sampler = self._paper_eval
+        sampler.params = state.ema
+        p = self.config.pairs
+        results = evaluator.run(sampler, teacher_ode=(float(p.guidance_scale), int(p.num_steps)))
+        scalars = {f"paper_eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+        self.writer.write_scalars(step, scalars)
+        write_results(self.workdir, f"{self.stage}_step_{step:08d}_subset{evaluator.num}", step, results,
+                      {"generator": f"{self.stage} EMA at step {step}", "subset": True})  # fmt: skip
+        logging.info("%s step %d: paper metrics on %d images: %s", self.stage, step, evaluator.num, results)
+        return results
+
     # --- the loop ---
 
     def run(self) -> TrainState:
@@ -472,6 +507,8 @@ class Trainer:
                 self.writer.write_scalars(step, self.evaluate(state))
             if _due(step, t.sample_every, num_steps):
                 self.sample_grid(state, step)
+            if _due(step, int(self.config.eval.every), num_steps):
+                self.paper_eval(state, step)
             if _due(step, t.ckpt_every, num_steps) or stop:
                 self._check_finite(*pending, last_ckpt)
                 pending = None

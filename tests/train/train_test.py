@@ -60,7 +60,15 @@ def test_learns_and_leaves_artefacts(data, tmp_path):
     c = _config(teacher, pairs, num_steps=20, lr=5e-4, lr_end=5e-5, eval_every=20, sample_every=20, ckpt_every=10,
                 log_every=10, ema_start=1000)  # fmt: skip
     c.mode = "all"
+    # The paper's metrics during training, on a small subset (random-weight CLIP / DreamSim files: smoke only).
+    c.eval.every, c.eval.subset, c.eval.metrics, c.eval.dreamsim_num = 20, 4, "clip,dreamsim", 4
+    c.eval.prompts = c.pairs.prompts
     pipeline.run(c, wd)
+
+    with open(os.path.join(wd, "eval", "stage1_step_00000020_subset4.json")) as f:
+        paper = json.load(f)
+    assert paper["step"] == 20 and paper["metrics"]["num_images"] == 4 and paper["metrics"]["dreamsim_num"] == 4
+    assert np.isfinite(paper["metrics"]["clip_score"]) and paper["metrics"]["dreamsim"] > 0
 
     rows = _jsonl(os.path.join(wd, "stage1", "metrics.jsonl"))
     evals = [r for r in rows if "eval/mse" in r]
