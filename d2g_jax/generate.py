@@ -216,7 +216,7 @@ class OneStepSampler:
 
     # --- host API ---
 
-    def _inputs(self, noise: np.ndarray, prompts: Sequence[str]):
+    def _inputs(self, noise: np.ndarray, prompts: Sequence[str], negatives: bool = False):
         n = len(prompts)
         if noise.shape[0] != n:
             raise ValueError(f"{noise.shape[0]} noises for {n} prompts.")
@@ -225,13 +225,12 @@ class OneStepSampler:
         pad = self.batch_size - n
         prompts = list(prompts) + [""] * pad
         noise = np.concatenate([noise, np.zeros((pad, *noise.shape[1:]), noise.dtype)]) if pad else noise
-        tok = self.text.tokenize(prompts)
-        neg = self.text.tokenize([""] * self.batch_size)
         b4, b2 = self._shardings()
-        g = lambda x, s: put_global(x, s)
-        return (g(np.asarray(noise, np.float32), b4), tuple(g(i, s) for i, s in zip(tok.ids, b2)),
-                tuple(g(m, s) for m, s in zip(tok.masks, b2)), tuple(g(i, s) for i, s in zip(neg.ids, b2)),
-                tuple(g(m, s) for m, s in zip(neg.masks, b2)))  # fmt: skip
+        g = lambda xs: tuple(put_global(x, s) for x, s in zip(xs, b2))
+        tok = self.text.tokenize(prompts)
+        neg = self.text.tokenize([""] * self.batch_size) if negatives else None  # the teacher's CFG branch
+        return (put_global(np.asarray(noise, np.float32), b4), g(tok.ids), g(tok.masks),
+                g(neg.ids) if neg else None, g(neg.masks) if neg else None)  # fmt: skip
 
     def _gather(self, x: jax.Array, n: int) -> np.ndarray:
         if not x.is_fully_addressable:
@@ -255,20 +254,10 @@ class OneStepSampler:
         """uint8 [B, H, W, 3]: the teacher's DDIM ODE (CFG `guidance_scale`, `num_steps`) on the same noise."""
         if self.teacher_params is None:
             raise ValueError("the teacher U-Net is not loaded: OneStepSampler.load(..., with_teacher=True).")
-        noise_g, ids, masks, nids, nmasks = self._inputs(noise, prompts)
+        noise_g, ids, masks, nids, nmasks = self._inputs(noise, prompts, negatives=True)
         fn = self._teacher_fn(guidance_scale, num_steps)
         out = fn(self.teacher_params, self.text.params, self.vae[1], noise_g, ids, masks, nids, nmasks)
         return self._gather(out, len(prompts))
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], teacher: tuple[float, int] | None = None):
-        """Yields `(start, student uint8 [b, H, W, 3], teacher images or None)` per batch of `batch_size`."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
-        for start in range(0, len(prompts), self.batch_size):
-            p = list(prompts[start : start + self.batch_size])
-            z = noise_for_seeds(seeds[start : start + self.batch_size], self.latent_shape)
-            t_img = self.teacher_images(z, p, *teacher) if teacher else None
-            yield start, self.images(z, p), t_img
 
 
 # ----------------------------------------------------------------------------------------------------------

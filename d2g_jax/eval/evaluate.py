@@ -16,7 +16,7 @@ Paper §4 "Evaluation protocols" (following GigaGAN's evaluation code and clean-
 * DreamDiv: `eval.dreamdiv_per_prompt` (8) images per caption for the first `eval.dreamdiv_prompts` captions,
   mean pairwise DreamSim distance within a caption, averaged over captions.
 
-Outputs: `<workdir>/eval/<tag>.json` (metrics, counts, the generator, reference-statistics file, protocol) and
+Outputs: `<workdir>/eval/<tag>.json`, tag = `step_<N>[_<real_name>]_<num_images>` (metrics, counts, the generator, reference-statistics file, protocol) and
 the same scalars through clu (`<workdir>/eval/tb`, TensorBoard), step = the export's training step.
 """
 
@@ -303,7 +303,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     info = read_export_info(unet_dir)
     step = int(info.get("step", 0))
     what = "teacher" if use_teacher else f"step_{step:08d}"
-    tag = f"{what}_{e.real_name}_{e.num_images}"
+    tag = f"{what}_{e.real_name}_{e.num_images}" if {"fid", "pr"} & set(names) else f"{what}_{e.num_images}"
     save_dir = os.path.join(workdir, "eval", f"{tag}_images")
     results = evaluator.run(sampler, use_teacher=use_teacher, teacher_ode=teacher_ode, save_dir=save_dir,
                             save_num=min(int(e.save_images), int(e.num_images)))  # fmt: skip
