@@ -166,3 +166,41 @@ def test_a_wrong_one_step_recipe_is_detected(sd, what):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing, **kw)
     with pytest.raises(AssertionError, match="latents"):
         _check_latents(_run(pipe, noise, 32, "latent"), ours_latents)
+
+
+def test_sample_mode_writes_images_grid_and_teacher_rows(sd, tmp_path):
+    """`--config.mode=sample` on the same export, prompts and seeds: the PNGs are the sampler's images, the grid
+    interleaves student and teacher rows, and an existing sample folder is not overwritten."""
+    import importlib.util
+
+    from PIL import Image
+
+    from d2g_jax import pipeline
+
+    teacher, unet_dir, ours, _, _ = sd
+    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                           "tiny.py"))  # fmt: skip
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.teacher.tiny, c.teacher.path, c.mode = False, teacher, "sample"
+    c.sample.prompt, c.sample.seed, c.sample.unet = "|".join(PROMPTS), 11, unet_dir
+    c.sample.batch_size, c.sample.grid_columns, c.sample.teacher, c.sample.dtype = 8, 2, True, "float32"
+    c.sample.out_dir = str(tmp_path / "samples")
+    pipeline.run(c, str(tmp_path / "wd"))
+    out = c.sample.out_dir
+    got = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(3)])
+    assert np.abs(got.astype(int) - ours.astype(int)).max() <= 1
+    teacher_imgs = np.stack([np.asarray(Image.open(os.path.join(out, f"{i:05d}_teacher.png"))) for i in range(3)])
+    assert np.abs(teacher_imgs.astype(int) - got.astype(int)).mean() > 1  # the 10-step CFG ODE, not the student
+    grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
+    assert grid.shape == (4 * 32, 2 * 32, 3)  # [students 0-1; teachers 0-1; student 2 + blank; teacher 2 + blank]
+    np.testing.assert_array_equal(grid[32:64, :32], teacher_imgs[0])
+    np.testing.assert_array_equal(grid[64:96, :32], got[2])
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    assert [(r["seed"], r["prompt"]) for r in recs] == list(zip([11, 12, 13], PROMPTS))
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["images_per_s"] > 0
+    with pytest.raises(FileExistsError, match="samples.jsonl"):
+        pipeline.run(c, str(tmp_path / "wd"))
