@@ -82,10 +82,13 @@ def eval_prompts(config: ml_collections.ConfigDict, num: int) -> list[str]:
     if not e.prompts:
         raise ValueError("config.eval.prompts is empty: give COCO's captions_val2014.json (FID-30k) or "
                          "captions_val2017.json (5k), or a .txt/.jsonl/.parquet/tfds: prompt list.")  # fmt: skip
-    if e.prompts.endswith(".json") and not e.prompts.endswith(".jsonl"):
-        with open(e.prompts) as f:
-            head = f.read(1)
-        if head == "{":
+    if e.prompts.endswith(".json") and os.path.isfile(e.prompts):
+        try:  # one JSON document with COCO's "annotations" (a .json of one object per line is JSONL: read below)
+            with open(e.prompts) as f:
+                is_coco = "annotations" in json.load(f)
+        except (json.JSONDecodeError, TypeError):
+            is_coco = False
+        if is_coco:
             return coco_captions(e.prompts, num, int(e.seed))
     prompts = read_prompts(e.prompts, field=e.prompt_field or None)
     if num > len(prompts):
@@ -115,19 +118,20 @@ class Extractors:
 def _random_extractor_files(folder: str, dreamsim_type: str) -> dict[str, str]:
     from d2g_jax.eval import random_extractors as R
 
-    out = {"inception": os.path.join(folder, "inception"), "clip": os.path.join(folder, "clip"),
-           "dreamsim": os.path.join(folder, "dreamsim")}  # fmt: skip
-    if jax.process_index() == 0:
-        if not os.path.isdir(out["inception"]):
-            R.write_random_inception(out["inception"])
-        if not os.path.isdir(out["clip"]):
-            R.write_random_clip(out["clip"])
-        if not os.path.isdir(out["dreamsim"]):
-            R.write_random_dreamsim(out["dreamsim"], dreamsim_type)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    import shutil
 
-        multihost_utils.sync_global_devices("d2g_jax: random eval extractors written")
+    out = {"inception": os.path.join(folder, "inception"), "clip": os.path.join(folder, "clip"),
+           "dreamsim": os.path.join(folder, f"dreamsim_{dreamsim_type}")}  # fmt: skip
+    writers = {"inception": R.write_random_inception, "clip": R.write_random_clip,
+               "dreamsim": lambda p: R.write_random_dreamsim(p, dreamsim_type)}  # fmt: skip
+    # Only process 0 computes features (see Evaluator), so only it writes and reads these files. Each folder is
+    # written under a temporary name and renamed when complete, so a killed run never leaves a half-written one.
+    for name, path in out.items():
+        if not os.path.isdir(path):
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            writers[name](tmp)
+            os.replace(tmp, path)
     return out
 
 

@@ -179,3 +179,23 @@ def test_missing_extractor_file_is_named(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt"):
         pipeline.run(c, wd)
     assert jax.process_count() == 1
+
+
+def test_eval_captions_from_coco_json_and_prompt_files(tmp_path):
+    from d2g_jax.eval.evaluate import eval_prompts
+
+    c = _config()
+    c.teacher.tiny = False
+    c.eval.prompts = _coco_json(str(tmp_path / "captions_val.json"))
+    got = eval_prompts(c, 10)  # every image once (10 of 10), one of its two captions each, seeded
+    assert sorted(p.replace(" in the sun", "") for p in got) == sorted(CAPTIONS)
+    assert got == eval_prompts(c, 10) and len(set(eval_prompts(c, 4))) == 4
+    c.eval.seed += 1
+    assert eval_prompts(c, 10) != got
+    with pytest.raises(ValueError, match="captions for 10 images"):
+        eval_prompts(c, 11)
+    lines = tmp_path / "prompts.json"  # one JSON object per line under a .json name: read as JSONL, not COCO
+    lines.write_text("".join(json.dumps({"caption": p}) + "\n" for p in CAPTIONS))
+    c.eval.prompts = str(lines)
+    sub = eval_prompts(c, 3)
+    assert len(sub) == 3 and sub == sorted(sub, key=CAPTIONS.index)  # a seeded subset, in file order
