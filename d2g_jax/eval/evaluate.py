@@ -16,8 +16,9 @@ Paper §4 "Evaluation protocols" (following GigaGAN's evaluation code and clean-
 * DreamDiv: `eval.dreamdiv_per_prompt` (8) images per caption for the first `eval.dreamdiv_prompts` captions,
   mean pairwise DreamSim distance within a caption, averaged over captions.
 
-Outputs: `<workdir>/eval/<tag>.json`, tag = `step_<N>[_<real_name>]_<num_images>` (metrics, counts, the generator, reference-statistics file, protocol) and
-the same scalars through clu (`<workdir>/eval/tb`, TensorBoard), step = the export's training step.
+Outputs: `<workdir>/eval/<tag>.json`, tag = `step_<N>[_<real_name>]_<num_images>` (metrics, counts, the
+generator, reference-statistics file, protocol) and the same scalars through clu (`<workdir>/eval/tb`,
+TensorBoard), step = the export's training step.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class Extractors:
 
 
 def _random_extractor_files(folder: str, dreamsim_type: str) -> dict[str, str]:
-    from d2g_jax.eval import random_extractors as R
-
     import shutil
+
+    from d2g_jax.eval import random_extractors as R
 
     out = {"inception": os.path.join(folder, "inception"), "clip": os.path.join(folder, "clip"),
            "dreamsim": os.path.join(folder, f"dreamsim_{dreamsim_type}")}  # fmt: skip
