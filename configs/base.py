@@ -161,7 +161,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.pr_num = 10_000  # Precision & Recall on this many real and generated images (paper: 10k)
     c.eval.pr_k = 3  # k-th nearest neighbour radius (Kynkäänniemi et al. 2019)
     c.eval.dreamsim_num = 5_000  # DreamSim-5k: student vs teacher on the same noise (teacher ODE as the pairs')
-    c.eval.dreamdiv_prompts = 1_000  # DreamDiv: prompts, each with dreamdiv_per_prompt images (paper: 8)
+    c.eval.dreamdiv_prompts = 5_000  # DreamDiv-5k (Table 5): prompts, each with dreamdiv_per_prompt images (paper: 8)
     c.eval.dreamdiv_per_prompt = 8
     c.eval.inception = ""  # clean-fid's inception-2015-12-05.pt (file or folder)
     c.eval.clip = ""  # transformers CLIPModel folder for CLIP score (paper: OpenCLIP ViT-g-14 laion2b_s12b_b42k)
