@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.timing import time_calls  # noqa: E402
 
 MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o")]
 
@@ -72,18 +72,6 @@ def make_pipeline(folder: str, latent: int):
     return pipe
 
 
-def _time(fn, iters: int) -> tuple[float, float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return warm, statistics.median(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -121,8 +109,8 @@ def main() -> None:
         def jax_run():
             return np.asarray(jax.block_until_ready(teacher.sample(noise, prompts, args.guidance, args.steps)))
 
-        t_warm, t_med, t_out = _time(torch_run, args.iters)
-        j_warm, j_med, j_out = _time(jax_run, args.iters)
+        t_warm, t_med, t_out = time_calls(torch_run, args.iters)
+        j_warm, j_med, j_out = time_calls(jax_run, args.iters)
 
     err = np.abs(j_out - t_out).max() / np.abs(t_out).max()
     n_unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6

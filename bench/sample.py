@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.timing import time_calls  # noqa: E402
 
 
 def pipeline_folder(size: str, root: str) -> tuple[str, int]:
@@ -65,16 +65,9 @@ def run(size: str, batch: int, iters: int, steps: int, dtype: str, root: str) ->
     z = noise_for_seeds(list(range(batch)), s.latent_shape)
 
     def timed(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        first = time.perf_counter() - t0
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            out = fn()
-            ts.append(time.perf_counter() - t0)
+        first, median, out = time_calls(fn, iters)
         assert out.shape == (batch, res, res, 3) and out.dtype == np.uint8
-        return first, statistics.median(ts)
+        return first, median
 
     c_s, t_s = timed(lambda: s.images(z, prompts))
     row = {"size": size, "batch": batch, "res": res, "device": jax.devices()[0].device_kind, "student_s": t_s,

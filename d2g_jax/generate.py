@@ -52,17 +52,12 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.ndarray:
     """[B, h, w, c] float32: row b is `jax.random.normal(PRNGKey(seeds[b]), shape)` (batch-independent)."""
-    fn = _noise_fn(tuple(shape))
-    return np.asarray(fn(jnp.asarray(np.asarray(seeds, np.uint32))))
+    return np.asarray(_noise_batch(tuple(shape), jnp.asarray(np.asarray(seeds, np.uint32))))
 
 
 @jax.jit(static_argnums=(0,))
 def _noise_batch(shape, seeds):
     return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32))(seeds)
-
-
-def _noise_fn(shape):
-    return lambda seeds: _noise_batch(shape, seeds)
 
 
 def latest_export(export_dir: str) -> str | None:

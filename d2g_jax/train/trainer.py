@@ -379,17 +379,24 @@ class Trainer:
         self._jsonl({"step": int(jax.device_get(state.step)), **out})
         return out
 
+    def _vae_decoder(self) -> tuple[Any, Any]:
+        """The teacher's VAE decoder `(module, replicated variables)`, loaded once for sample grids and evaluation."""
+        if getattr(self, "_decoder", None) is None:
+            from d2g_jax.models.vae import load_vae
+
+            mod, variables = load_vae(self.teacher_folder, parts=("decoder",))
+            rep = shd.replicated(self.mesh)
+            self._decoder = (mod, put_global(variables, jax.tree.map(lambda _: rep, variables)))
+        return self._decoder
+
     def sample_grid(self, state: TrainState, step: int) -> str | None:
         """Teacher (50-step ODE, from the pairs) vs student (one step, EMA) on fixed held-out noises/prompts."""
         n = min(int(self.t.num_samples), self.holdout)
         if n == 0:
             return None
         if self._vae is None:
-            from d2g_jax.models.vae import load_vae
-
-            mod, variables = load_vae(self.teacher_folder, parts=("decoder",))
+            mod, vae_vars = self._vae_decoder()
             rep = shd.replicated(self.mesh)
-            vae_vars = put_global(variables, jax.tree.map(lambda _: rep, variables))
             pairs = self.holdout_pairs(n)
             ids, masks = self._tokens(pairs["prompt"])
             host = {"noise": pairs["noise"], "latent": pairs["latent"], "ids": ids, "masks": masks}
@@ -421,20 +428,15 @@ class Trainer:
         from d2g_jax.generate import OneStepSampler
 
         if getattr(self, "_paper_eval", None) is None:
-            from d2g_jax.models.vae import load_vae
-
             e = self.config.eval
             evaluator = Evaluator(self.config, self.workdir, int(e.subset))
-            mod, variables = load_vae(self.teacher_folder, parts=("decoder",))
-            rep = shd.replicated(self.mesh)
-            vae_vars = put_global(variables, jax.tree.map(lambda _: rep, variables))
             n_dev = self.mesh.size
             batch = -(-(int(e.batch_size) or n_dev) // n_dev) * n_dev
             teacher = None
             if "dreamsim" in evaluator.names:  # the teacher's U-Net = G's initial weights
                 teacher = put_global(self.init_params, self.param_sh)
             shape = tuple(np.shape(self.source[0]["noise"]))
-            sampler = OneStepSampler(self.gen, None, self.text, (mod, vae_vars), self.mesh, shape, batch,
+            sampler = OneStepSampler(self.gen, None, self.text, self._vae_decoder(), self.mesh, shape, batch,
                                      self.gen.schedule, teacher)  # fmt: skip
             self._paper_eval = (evaluator, sampler)
         evaluator, sampler = self._paper_eval
