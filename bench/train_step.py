@@ -45,6 +45,20 @@ class RandomContext:
         return {"context": params[0][ids[0]]}
 
 
+def random_tree(abstract, key, scale: float = 0.02):
+    """N(0, scale²) values for a tree of shapes, drawn as one flat vector (one RNG op: quick to compile even for
+    SD's ~700 tensors)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    leaves, tree = jax.tree.flatten(abstract)
+    sizes = [int(np.prod(a.shape)) for a in leaves]
+    flat = scale * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+    return jax.tree.unflatten(tree, [p.reshape(a.shape).astype(a.dtype) for p, a in zip(parts, leaves)])
+
+
 def unet_config(size: str):
     from d2g_jax.models.tiny import TINY_UNET
     from d2g_jax.models.unet_config import UNetConfig
@@ -59,9 +73,12 @@ def unet_config(size: str):
     raise ValueError(size)
 
 
-def setup(size: str, batch: int, dtype: str, remat: str):
+def setup(size: str, batch: int, dtype: str, remat: str, concrete: bool = True):
     """What both steps share: the U-Net (random weights, sharded), the generator, the stand-in text encoder, the
-    E-LatentLPIPS* loss (random LatentVGG), a random batch and the shardings of the step's inputs."""
+    E-LatentLPIPS* loss (random LatentVGG), a random batch and the shardings of the step's inputs.
+
+    `concrete=False`: params, batch and frozen inputs are `jax.ShapeDtypeStruct`s (nothing allocated), for lowering
+    a step only (its FLOP count: `bench/gpu_suite.py --flops_only`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,13 +99,14 @@ def setup(size: str, batch: int, dtype: str, remat: str):
     abstract = nn.unbox(boxed)
 
     def init(key):
-        leaves, tree = jax.tree.flatten(abstract)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(tree, [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+        return random_tree(abstract, key)
 
     t0 = time.perf_counter()
-    params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
+    if concrete:
+        params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
+        jax.block_until_ready(params)
+    else:
+        params = jax.eval_shape(init, jax.random.PRNGKey(0))
     init_s = time.perf_counter() - t0
 
     def loss_fn(v, x, y, rng):
@@ -103,6 +121,8 @@ def setup(size: str, batch: int, dtype: str, remat: str):
     }
     frozen = {"text": (jnp.asarray(rng.standard_normal((1000, ctx_dim)), jnp.float32),),
               "loss": random_latent_lpips("sd15", 0)}  # fmt: skip
+    if not concrete:
+        data, frozen = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in (data, frozen))
     b4, b2 = shd.batch_sharding(mesh, 4), shd.batch_sharding(mesh, 2)
     return types.SimpleNamespace(
         unet=unet, side=side, mesh=mesh, p_sh=p_sh, params=params, init_s=init_s,
