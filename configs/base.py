@@ -157,9 +157,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Cache of reference statistics (one .npz per dataset/size/resolution/extractor); "" = <workdir>/eval/reference.
     c.eval.stats_dir = ""
     c.eval.resolution = 256  # GigaGAN protocol: center crop + PIL LANCZOS to 256 before clean-fid's resize to 299
-    c.eval.metrics = "fid,pr,clip"  # any of fid, pr, clip, dreamsim, dreamdiv
-    c.eval.pr_num = 10_000  # Precision & Recall on this many real and generated images (paper: 10k)
-    c.eval.pr_k = 3  # k-th nearest neighbour radius (Kynkäänniemi et al. 2019)
+    # any of fid, pr, clip, dreamsim, dreamdiv; with eval.classifier also fd, fd_pr, prompt_acc, teacher_dist
+    c.eval.metrics = "fid,pr,clip"
+    c.eval.pr_num = 10_000  # Precision & Recall (pr and fd_pr) on this many real and generated images (paper: 10k)
+    c.eval.pr_k = 3  # k-th nearest neighbour radius (Kynkäänniemi et al. 2019), for pr and fd_pr
     c.eval.dreamsim_num = 5_000  # DreamSim-5k: student vs teacher on the same noise (teacher ODE as the pairs')
     c.eval.dreamdiv_prompts = 5_000  # DreamDiv-5k (Table 5): prompts, each with dreamdiv_per_prompt images (paper: 8)
     c.eval.dreamdiv_per_prompt = 8
@@ -170,15 +171,37 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.random_extractors = False  # tiny/smoke runs only: random-weight extractors written under <workdir>/eval
     c.eval.batch_size = 0  # generation batch (0 = sample.batch_size)
     c.eval.seed = 2024  # caption choice and noise seeds (image i: PRNGKey(seed + i))
-    c.eval.unet = ""  # "" = this run's latest export; else a diffusers U-Net folder
-    c.eval.teacher = False  # evaluate the teacher's 50-step ODE instead of the student (the paper's teacher rows)
+    # "" = this run's latest export; else a diffusers U-Net folder (<teacher>/unet: the teacher's one-step x0)
+    c.eval.unet = ""
+    # evaluate the teacher's 50-step ODE instead of the student (the paper's teacher rows; needs no export)
+    c.eval.teacher = False
     c.eval.save_images = 0  # write the first N generated images as PNG to <workdir>/eval/<tag>_images/
     c.eval.every = 0  # steps between small evaluations during training (0 = never); uses eval.subset images
     c.eval.subset = 1_000
+    # Attribute-classifier metrics (d2g_jax/eval/attributes.py), for worlds of small images with named attributes
+    # (e.g. d2g_jax/world/): fd = Fréchet distance of its penultimate features vs eval.real, fd_pr = their precision
+    # & recall, prompt_acc = share of images showing every attribute class the prompt names (+ per attribute),
+    # teacher_dist = 1 − cos of the features of student and teacher image on the same noise (+ pixel RMS). Images
+    # go to the classifier at their native resolution (its input_size): eval.resolution is not used for them.
+    c.eval.classifier = ""  # classifier folder (config.json + model.safetensors); when set, samples.jsonl of the
+    #                         sample mode and of eval.save_images also records parsed and predicted attributes
+    c.eval.teacher_dist_num = 5_000  # teacher_dist on the first N images (as dreamsim_num for DreamSim)
+    # Evaluate a folder of captioned images instead of a generator (e.g. real images scored as if generated: the
+    # floor row): images + captions.jsonl ({"file", "caption"} per line; d2g_jax's dataset format) or samples.jsonl.
+    c.eval.images = ""
+    c.eval.images_num = 0  # with eval.images: this many images, a seeded (eval.seed) random subset; 0 = all
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp
     c.mesh.fsdp = 1  # parameter-sharding axis size
+
+    # A stand-in world for the teacher and its datasets (configs/mnist.py): a module whose `prepare(config, workdir)`
+    # checks/writes its files and returns values for empty config fields (teacher.path, pairs.prompts, eval.real,
+    # …), applied before any phase. Imported by this name only; the system modules never import it.
+    c.world = ml_collections.ConfigDict()
+    c.world.provider = ""  # e.g. "d2g_jax.world.mnist"; "" = none (a real teacher folder and datasets)
+    c.world.dir = ""  # the built world ("" = the provider's default: d2g_jax/world/assets/mnist, shipped)
+    c.world.seed = 0  # the seed the world must have been built with (a world of another seed is refused)
 
     c.log_every_s = 30.0  # progress/ETA report period (seconds)
     return c

@@ -18,7 +18,11 @@ evaluation shares.
 
 Outputs of the sample mode: `<out>/<i:05d>.png` per image (`<i:05d>_teacher.png` with the teacher), `grid.png`
 (student rows; each followed by the teacher's row when asked), `samples.jsonl` (index, seed, prompt, files) and
-images/s in the log and `summary.json`.
+images/s in the log and `summary.json`. With an attribute classifier (`config.eval.classifier`, see
+`d2g_jax.eval.attributes`) each `samples.jsonl` record also holds the prompt's attributes parsed with the
+classifier's vocabulary ("attributes", null where the prompt does not name exactly one class), the classifier's
+predictions for the image ("predicted", "predicted_prob") and, with the teacher, for the teacher's image
+("teacher_predicted", "teacher_predicted_prob"), so anyone can check prompt accuracy with their own classifier.
 """
 
 from __future__ import annotations
@@ -314,6 +318,22 @@ def image_grid(rows: Sequence[np.ndarray], columns: int) -> np.ndarray:
     return np.concatenate(chunks, axis=0)
 
 
+def _sample_classifier(config: ml_collections.ConfigDict):
+    """The attribute classifier of `config.eval.classifier` (None if unset) for the samples.jsonl attributes;
+    refuses one that cannot read the generator's images at their native resolution."""
+    if not config.eval.classifier:
+        return None
+    from d2g_jax.eval.attributes import load_classifier
+
+    clf = load_classifier(config.eval.classifier)
+    if int(config.pairs.resolution) != clf.input_size:
+        raise ValueError(f"config.eval.classifier={config.eval.classifier} reads {clf.input_size}×{clf.input_size} "
+                         f"images but the generator makes {config.pairs.resolution}×{config.pairs.resolution} "
+                         "(config.pairs.resolution); unset config.eval.classifier or use one trained at that "
+                         "resolution.")  # fmt: skip
+    return clf
+
+
 def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     """`--config.mode=sample`: PNGs + grid + samples.jsonl under `sample.out_dir` (default
     `<workdir>/samples/<export step>`); returns that folder."""
@@ -323,6 +343,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     s = config.sample
     prompts = sample_prompts(config)
     seeds = [int(s.seed) + i for i in range(len(prompts))]
+    clf = _sample_classifier(config) if jax.process_index() == 0 else None
     teacher = pipeline.teacher_path(config, workdir)
     unet_dir = generator_unet(config, workdir)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -353,11 +374,18 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         t_img = sampler.teacher_images(z, p, *teacher_ode) if teacher_ode else None
         if teacher_ode:
             teachers.append(t_img)
+        fields = clf.attribute_fields(p, clf.run(img)[1]) if clf else None
+        t_fields = clf.attribute_fields(p, clf.run(t_img)[1]) if clf and teacher_ode else None
         for j in range(len(img)):
             i = start + j
             rec = {"index": i, "seed": seeds[i], "prompt": prompts[i], "file": f"{i:05d}.png"}
             if teacher_ode:
                 rec["teacher_file"] = f"{i:05d}_teacher.png"
+            if fields:
+                rec.update(fields[j])
+            if t_fields:
+                rec["teacher_predicted"] = t_fields[j]["predicted"]
+                rec["teacher_predicted_prob"] = t_fields[j]["predicted_prob"]
             if jax.process_index() == 0:
                 write_png(os.path.join(out, rec["file"]), img[j])
                 if teacher_ode:
@@ -373,7 +401,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     ips = n_timed / t_total
     summary = {"images": len(prompts), "unet": os.path.abspath(unet_dir), "teacher": os.path.abspath(teacher),
                "images_per_s": ips, "batch_size": batch, "devices": mesh.size,
-               "teacher_ode": {"guidance_scale": teacher_ode[0], "num_steps": teacher_ode[1]} if teacher_ode else None}  # fmt: skip
+               "teacher_ode": {"guidance_scale": teacher_ode[0], "num_steps": teacher_ode[1]} if teacher_ode else None,
+               "classifier": {"folder": clf.folder, "identity": clf.identity} if clf else None}  # fmt: skip
     if jax.process_index() == 0:
         write_png(os.path.join(out, "grid.png"), image_grid(rows, int(s.grid_columns)))
         with open(os.path.join(out, "summary.json"), "w") as f:

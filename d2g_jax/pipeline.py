@@ -194,11 +194,46 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, trainer=None, st
     return unet_dir
 
 
+def resolve_world(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """With `config.world.provider` (e.g. "d2g_jax.world.mnist"): imports that module by name, lets its
+    `prepare(config, workdir)` check/write the world's files, and fills the config fields it names that are empty
+    (a value given on the command line wins). Returns the config to run (locked); unchanged without a provider."""
+    provider = config.world.provider
+    if not provider:
+        return config
+    import importlib
+
+    try:
+        module = importlib.import_module(provider)
+    except ImportError as e:
+        raise ValueError(f"config.world.provider={provider!r}: cannot import it ({e}).") from None
+    if not callable(getattr(module, "prepare", None)):
+        raise ValueError(f"config.world.provider={provider!r}: the module has no prepare(config, workdir).")
+    overrides = module.prepare(config, workdir)
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    for field, value in overrides.items():
+        node, *path = field.split(".")
+        parent = resolved[node]
+        for k in path[:-1]:
+            parent = parent[k]
+        key = path[-1] if path else node
+        if key not in parent:
+            raise ValueError(f"{provider}.prepare returned {field!r}, which is not a config field.")
+        if parent[key] in ("", None):
+            parent[key] = value
+        elif parent[key] != value:
+            logging.info("world: keeping config.%s=%r (the world would use %r)", field, parent[key], value)
+    resolved.lock()
+    logging.info("world: %s from %s", provider, {k: resolved[k.split(".")[0]][k.split(".")[1]] for k in overrides})
+    return resolved
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs `config.mode` ("all" or one phase) in `workdir`."""
     if not workdir:
         raise ValueError("--workdir is required.")
     os.makedirs(workdir, exist_ok=True)
+    config = resolve_world(config, workdir)
     mode = config.mode
     if mode != "all" and mode not in PHASES + USE_PHASES:
         raise ValueError(f"config.mode={mode!r} is not a phase; use one of {('all',) + PHASES + USE_PHASES}.")

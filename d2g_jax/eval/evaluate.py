@@ -16,9 +16,28 @@ Paper §4 "Evaluation protocols" (following GigaGAN's evaluation code and clean-
 * DreamDiv: `eval.dreamdiv_per_prompt` (8) images per caption for the first `eval.dreamdiv_prompts` captions,
   mean pairwise DreamSim distance within a caption, averaged over captions.
 
-Outputs: `<workdir>/eval/<tag>.json`, tag = `step_<N>[_<real_name>]_<num_images>` (metrics, counts, the
-generator, reference-statistics file, protocol) and the same scalars through clu (`<workdir>/eval/tb`,
-TensorBoard), step = the export's training step.
+Attribute-classifier metrics (`eval.classifier` = a folder of `d2g_jax.eval.attributes`; for worlds of small images
+with named attributes, where Inception/CLIP/DreamSim mean nothing). The classifier sees every image, real and
+generated, at its native resolution (its `input_size`; no GigaGAN crop/resize, a generator at another resolution is
+refused):
+* `fd`: Fréchet distance (the FID code above) between the classifier's penultimate features of the generated
+  images and of the real images `eval.real` (cached reference statistics, keyed by the classifier's content).
+* `fd_pr`: precision & recall (k = `eval.pr_k`, on the first `eval.pr_num` features) on the same features.
+* `prompt_acc`: share of images whose predicted class of every attribute is the one its prompt names (prompts
+  parsed with the classifier's own vocabulary; prompts that do not name exactly one class of every attribute are
+  left out and counted), plus `prompt_acc_<attribute>` per attribute.
+* `teacher_dist`: the DreamSim-5k analogue on the first `eval.teacher_dist_num` images: 1 − cos of the classifier
+  features of the student's and the teacher's (ODE) image for the same noise and prompt; `teacher_dist_pixel`: their
+  RMS pixel difference (pixels / 255). 0 when the teacher is evaluated.
+
+`eval.images=<folder>` evaluates a folder of images with captions instead of a generator (e.g. real images scored
+as if generated: the floor of every metric); see `ImageFolder`.
+
+Outputs: `<workdir>/eval/<tag>.json`, tag = `step_<N>[_<real_name>]_<num_images>` (`teacher_…` for the teacher,
+`unet_<folder>_…` for a U-Net folder without export.json, `images_<folder>_…` for `eval.images`) with the metrics,
+counts, the generator, reference statistics and protocol, and the same scalars through clu (`<workdir>/eval/tb`,
+TensorBoard), step = the export's training step. Saved images (`eval.save_images`) come with `samples.jsonl`
+(index, seed, prompt, file; with a classifier the prompt's parsed attributes and the predicted ones).
 """
 
 from __future__ import annotations
@@ -38,7 +57,10 @@ from absl import logging
 from d2g_jax.eval import metrics as M
 from d2g_jax.eval import resize
 
-METRICS = ("fid", "pr", "clip", "dreamsim", "dreamdiv")
+METRICS = ("fid", "pr", "clip", "dreamsim", "dreamdiv", "fd", "fd_pr", "prompt_acc", "teacher_dist")
+CLASSIFIER_METRICS = ("fd", "fd_pr", "prompt_acc", "teacher_dist")  # need config.eval.classifier
+TEACHER_METRICS = ("dreamsim", "teacher_dist")  # compare with the teacher's ODE image for the same noise
+NOT_FOR_IMAGES = ("dreamsim", "dreamdiv", "teacher_dist")  # need a generator (noise, teacher): not eval.images
 DREAMDIV_SEED_OFFSET = 10_000_000  # DreamDiv's noises: seed + offset + p·K + k (disjoint from the FID noises)
 
 
@@ -114,6 +136,11 @@ class Extractors:
         self.clip = X.ClipScorer(paths["clip"]) if "clip" in names else None
         need_ds = {"dreamsim", "dreamdiv"} & set(names)
         self.dreamsim = X.DreamSimEmbedder(paths["dreamsim"], e.dreamsim_type) if need_ds else None
+        self.classifier = None  # also loaded without its metrics: saved images record its predictions
+        if e.classifier or set(CLASSIFIER_METRICS) & set(names):
+            from d2g_jax.eval.attributes import load_classifier
+
+            self.classifier = load_classifier(e.classifier)
 
 
 def _random_extractor_files(folder: str, dreamsim_type: str) -> dict[str, str]:
@@ -141,10 +168,11 @@ class Evaluator:
 
     Built once (extractors, captions, reference statistics) and reused: the eval mode calls it on the exported
     generator; the trainer calls it every `eval.every` steps with the EMA generator on `eval.subset` images.
+    `prompts` replaces the captions of `config.eval.prompts` (e.g. an image folder's own, `run_images`).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, num_images: int,
-                 names: Sequence[str] | None = None):  # fmt: skip
+                 names: Sequence[str] | None = None, prompts: Sequence[str] | None = None):  # fmt: skip
         e = config.eval
         self.config, self.workdir = config, workdir
         self.names = tuple(names) if names is not None else parse_metrics(e.metrics)
@@ -153,85 +181,103 @@ class Evaluator:
             raise ValueError(f"evaluation needs at least one image (config.eval.num_images / subset = {self.num}).")
         self.res = int(e.resolution)
         self.is_main = jax.process_index() == 0
-        self.prompts = eval_prompts(config, self.num)
+        self.prompts = list(prompts) if prompts is not None else eval_prompts(config, self.num)
+        if len(self.prompts) != self.num:
+            raise ValueError(f"{len(self.prompts)} prompts for {self.num} images.")
         self.seeds = [int(e.seed) + i for i in range(self.num)]
         self.ex = Extractors(config, workdir, self.names) if self.is_main else None
-        self.ref = None
-        if self.is_main and {"fid", "pr"} & set(self.names):
+        self.ref = self.cls_ref = None
+        names = set(self.names)
+        if self.is_main and {"fid", "pr", "fd", "fd_pr"} & names:
             from d2g_jax.eval.reference import reference_stats
 
             if not e.real:
-                raise ValueError("config.eval.real is empty: FID / Precision & Recall need the real images (a folder, "
-                                 "e.g. COCO val2014/, or tfds:NAME:SPLIT[:FEATURE]); or drop fid,pr from "
+                raise ValueError("config.eval.real is empty: FID / Precision & Recall (and fd / fd_pr) need the real "
+                                 "images (a folder, e.g. COCO val2014/, or tfds:NAME:SPLIT[:FEATURE]); or drop "
+                                 f"{', '.join(sorted(names & {'fid', 'pr', 'fd', 'fd_pr'}))} from "
                                  "config.eval.metrics.")  # fmt: skip
-            keep = int(e.pr_num) if "pr" in self.names else 0
-            self.ref = reference_stats(e.real, name=e.real_name, num=int(e.num_real), eval_res=self.res,
-                                       extractor=self.ex.inception, keep_feats=keep,
-                                       cache_dir=e.stats_dir or os.path.join(workdir, "eval", "reference"))  # fmt: skip
+            cache = e.stats_dir or os.path.join(workdir, "eval", "reference")
+            if {"fid", "pr"} & names:
+                keep = int(e.pr_num) if "pr" in names else 0
+                self.ref = reference_stats(e.real, name=e.real_name, num=int(e.num_real), eval_res=self.res,
+                                           extractor=self.ex.inception, keep_feats=keep, cache_dir=cache)  # fmt: skip
+            if {"fd", "fd_pr"} & names:
+                clf = self.ex.classifier
+                keep = int(e.pr_num) if "fd_pr" in names else 0
+                self.cls_ref = reference_stats(e.real, name=e.real_name, num=int(e.num_real),
+                                               eval_res=clf.input_size, extractor=clf, keep_feats=keep,
+                                               cache_dir=cache, native=True)  # fmt: skip
+        self.classifier = self.ex.classifier if self.is_main else None
+        self.parsed = [self.classifier.parse(p) for p in self.prompts] if self.classifier else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the metrics compare with the teacher's ODE images (DreamSim, teacher_dist)."""
+        return bool(set(TEACHER_METRICS) & set(self.names))
+
+    def check_resolution(self, side: int, what: str) -> None:
+        """Refuses a generator whose images the attribute classifier cannot read at their native resolution."""
+        if self.classifier is not None and side != self.classifier.input_size:
+            raise ValueError(f"{what} makes {side}×{side} images but the attribute classifier "
+                             f"{self.classifier.folder} (config.eval.classifier) takes "
+                             f"{self.classifier.input_size}×{self.classifier.input_size} at the native resolution "
+                             "(no resize); use a classifier trained at the generator's resolution.")  # fmt: skip
 
     def run(self, sampler, *, use_teacher: bool = False, teacher_ode: tuple[float, int] | None = None,
             save_dir: str = "", save_num: int = 0) -> dict:  # fmt: skip
         """Metrics of `sampler` (a `d2g_jax.generate.OneStepSampler`); `use_teacher` evaluates the teacher's ODE
         images instead (the paper's teacher rows); `teacher_ode` = (CFG scale, steps) for the teacher. The first
-        `save_num` generated images are written to `save_dir` as `<i:05d>.png` (+ `captions.txt` and their
-        Inception features, `inception_features.npz`)."""
+        `save_num` generated images are written to `save_dir` as `<i:05d>.png` (+ `captions.txt`,
+        `samples.jsonl` and their features: `inception_features.npz`, `classifier_features.npz`)."""
         from d2g_jax.generate import noise_for_seeds
 
-        e = self.config.eval
         names = set(self.names)
-        if ("dreamsim" in names or use_teacher) and teacher_ode is None:
-            raise ValueError("DreamSim-5k and teacher evaluation need the teacher ODE (CFG scale, steps).")
+        if (self.needs_teacher or use_teacher) and teacher_ode is None:
+            raise ValueError("DreamSim-5k, teacher_dist and teacher evaluation need the teacher ODE (CFG scale, "
+                             "steps).")  # fmt: skip
         gen = (lambda z, p: sampler.teacher_images(z, p, *teacher_ode)) if use_teacher else sampler.images
         t0 = time.perf_counter()
-        feats, clip_scores, ds = [], [], []
-        n_ds = min(int(e.dreamsim_num), self.num) if "dreamsim" in names else 0
+        col = _Collector(self, save_dir, save_num, t0)
+        n_teacher = max(col.n_ds, col.n_td)
         bs = sampler.batch_size
         for start in range(0, self.num, bs):
             p = self.prompts[start : start + bs]
             z = noise_for_seeds(self.seeds[start : start + bs], sampler.latent_shape)
             img = gen(z, p)
-            if start < n_ds:  # the student vs the teacher on the same noise (0 when evaluating the teacher)
-                k = min(len(p), n_ds - start)
+            ref = None
+            if start < n_teacher:  # the student vs the teacher on the same noise (itself when evaluating the teacher)
+                k = min(len(p), n_teacher - start)
                 ref = img[:k] if use_teacher else sampler.teacher_images(z[:k], p[:k], *teacher_ode)
-                if self.is_main:
-                    ds.append(self.ex.dreamsim.distance(img[:k], ref))
-            if not self.is_main:
-                continue
-            if start < save_num:
-                _save_pngs(save_dir, img[: save_num - start], start)
-            if {"fid", "pr"} & names:
-                feats.append(self.ex.inception(resize.batch_fid_input(img, self.res)))
-            if "clip" in names:
-                small = np.stack([resize.gigagan_resize(x, self.res) for x in img])
-                clip_scores.append(self.ex.clip.scores(small, p))
-            if (start // bs) % 20 == 0:
-                logging.info("eval: %d / %d images (%.1f s)", start + len(p), self.num, time.perf_counter() - t0)
+            if self.is_main:
+                col.add(img, start, teacher=ref, seeds=self.seeds[start : start + bs])
         out: dict[str, Any] = {"num_images": self.num, "generation_s": time.perf_counter() - t0}
-        if self.is_main and save_num:
-            with open(os.path.join(save_dir, "captions.txt"), "w") as f:
-                f.writelines(p.replace("\n", " ") + "\n" for p in self.prompts[:save_num])
         if "dreamdiv" in names:
             out.update(self._dreamdiv(gen, sampler))
         if not self.is_main:
             return out
-        if feats:
-            f = np.concatenate(feats)
-            if save_num:  # the Inception features of the saved images (to recompute FID against other references)
-                np.savez(os.path.join(save_dir, "inception_features.npz"), feats=f[:save_num])
-            mu, sigma = M.feature_stats(f)
-            if "fid" in names:
-                out["fid"] = M.fid_from_stats((mu, sigma), (self.ref["mu"], self.ref["sigma"]))
-                out["fid_num_real"] = int(self.ref["meta"].get("count", self.ref["meta"]["num"]))
-            if "pr" in names:
-                n = min(int(e.pr_num), len(f), len(self.ref["feats"]))
-                out["precision"], out["recall"] = M.precision_recall(self.ref["feats"][:n], f[:n], k=int(e.pr_k))
-                out["pr_num"] = n
-        if clip_scores:
-            out["clip_score"] = float(np.mean(np.concatenate(clip_scores)))
-        if ds:
-            out["dreamsim"] = float(np.mean(np.concatenate(ds)))
-            out["dreamsim_num"] = n_ds
-        out["eval_s"] = time.perf_counter() - t0
+        out.update(col.finish())
+        return out
+
+    def run_images(self, images, *, save_dir: str = "", save_num: int = 0,
+                   sources: Sequence[str] | None = None, batch_size: int = 64) -> dict:  # fmt: skip
+        """Metrics of given images (uint8 [N, H, W, 3], or an `ImageFolder`) with this evaluator's prompts, scored
+        exactly as generated ones (e.g. real images: the floor of every metric). `sources`: each image's file,
+        recorded in the saved `samples.jsonl`."""
+        bad = sorted(set(NOT_FOR_IMAGES) & set(self.names))
+        if bad:
+            raise ValueError(f"config.eval.metrics has {', '.join(bad)}: images without a generator have no noise, "
+                             "teacher image or second sample to compare with; drop them when evaluating "
+                             "config.eval.images.")  # fmt: skip
+        if len(images) != self.num:
+            raise ValueError(f"{len(images)} images for {self.num} prompts.")
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"num_images": self.num}
+        if not self.is_main:
+            return out
+        col = _Collector(self, save_dir, save_num, t0, sources=sources)
+        for start in range(0, self.num, batch_size):
+            col.add(np.asarray(images[start : start + batch_size]), start)
+        out.update(col.finish())
         return out
 
     def _dreamdiv(self, gen: Callable, sampler) -> dict[str, Any]:
@@ -256,12 +302,183 @@ class Evaluator:
         return {"dreamdiv": M.dreamdiv(e_all.reshape(n_p, k, -1)), "dreamdiv_prompts": n_p, "dreamdiv_per_prompt": k}
 
 
+class _Collector:
+    """Per-batch features and scores of one evaluation (process 0 only), turned into metrics by `finish`."""
+
+    def __init__(self, ev: Evaluator, save_dir: str, save_num: int, t0: float, sources: Sequence[str] | None = None):
+        e = ev.config.eval
+        self.ev, self.names = ev, set(ev.names)
+        self.save_dir, self.save_num, self.t0, self.sources = save_dir, int(save_num), t0, sources
+        self.n_ds = min(int(e.dreamsim_num), ev.num) if "dreamsim" in self.names else 0
+        self.n_td = min(int(e.teacher_dist_num), ev.num) if "teacher_dist" in self.names else 0
+        self.feats, self.clip, self.ds = [], [], []
+        self.cfeats, self.cpred, self.td, self.td_pix = [], [], [], []
+        self.records: list[dict] = []
+        self.batches = 0
+        self.keep_cfeats = bool({"fd", "fd_pr"} & self.names) or (self.save_num > 0 and ev.classifier is not None)
+
+    def add(self, img: np.ndarray, start: int, *, teacher: np.ndarray | None = None,
+            seeds: Sequence[int] | None = None) -> None:  # fmt: skip
+        ev, names = self.ev, self.names
+        n = len(img)
+        p = ev.prompts[start : start + n]
+        if teacher is not None and start < self.n_ds:
+            k = min(n, self.n_ds - start)
+            self.ds.append(ev.ex.dreamsim.distance(img[:k], teacher[:k]))
+        if {"fid", "pr"} & names:
+            self.feats.append(ev.ex.inception(resize.batch_fid_input(img, ev.res)))
+        if "clip" in names:
+            small = np.stack([resize.gigagan_resize(x, ev.res) for x in img])
+            self.clip.append(ev.ex.clip.scores(small, p))
+        clf = ev.classifier
+        probs = None
+        if clf is not None:
+            f, probs = clf.run(img, "generated images")
+            if self.keep_cfeats:
+                self.cfeats.append(f)
+            self.cpred.append({a: np.argmax(q, -1) for a, q in probs.items()})
+            if teacher is not None and start < self.n_td:
+                k = min(n, self.n_td - start)
+                self.td.append(M.cosine_distance(f[:k], clf(teacher[:k])))
+                self.td_pix.append(M.pixel_rmse(img[:k], teacher[:k]))
+        if start < self.save_num:
+            k = min(n, self.save_num - start)
+            _save_pngs(self.save_dir, img[:k], start)
+            fields = clf.attribute_fields(p[:k], {a: q[:k] for a, q in probs.items()}) if clf else [{}] * k
+            for j in range(k):
+                i = start + j
+                rec = {"index": i}
+                if seeds is not None:
+                    rec["seed"] = int(seeds[j])
+                rec.update(prompt=p[j], file=f"{i:05d}.png")
+                if self.sources is not None:
+                    rec["source_file"] = self.sources[i]
+                rec.update(fields[j])
+                self.records.append(rec)
+        if self.batches % 20 == 0 or start + n == ev.num:
+            logging.info("eval: %d / %d images (%.1f s)", start + n, ev.num, time.perf_counter() - self.t0)
+        self.batches += 1
+
+    def finish(self) -> dict[str, Any]:
+        ev, names = self.ev, self.names
+        e = ev.config.eval
+        out: dict[str, Any] = {}
+        if self.save_num:
+            with open(os.path.join(self.save_dir, "captions.txt"), "w") as f:
+                f.writelines(p.replace("\n", " ") + "\n" for p in ev.prompts[: self.save_num])
+            tmp = os.path.join(self.save_dir, "samples.jsonl.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(tmp, os.path.join(self.save_dir, "samples.jsonl"))
+        if self.feats:
+            f = np.concatenate(self.feats)
+            if self.save_num:  # the Inception features of the saved images (to recompute FID against other references)
+                np.savez(os.path.join(self.save_dir, "inception_features.npz"), feats=f[: self.save_num])
+            mu, sigma = M.feature_stats(f)
+            if "fid" in names:
+                out["fid"] = M.fid_from_stats((mu, sigma), (ev.ref["mu"], ev.ref["sigma"]))
+                out["fid_num_real"] = int(ev.ref["meta"].get("count", ev.ref["meta"]["num"]))
+            if "pr" in names:
+                n = min(int(e.pr_num), len(f), len(ev.ref["feats"]))
+                out["precision"], out["recall"] = M.precision_recall(ev.ref["feats"][:n], f[:n], k=int(e.pr_k))
+                out["pr_num"] = n
+        if self.clip:
+            out["clip_score"] = float(np.mean(np.concatenate(self.clip)))
+        if self.ds:
+            out["dreamsim"] = float(np.mean(np.concatenate(self.ds)))
+            out["dreamsim_num"] = self.n_ds
+        if self.cfeats:
+            cf = np.concatenate(self.cfeats)
+            if self.save_num:  # the classifier features of the saved images (to recompute fd with other references)
+                np.savez(os.path.join(self.save_dir, "classifier_features.npz"), feats=cf[: self.save_num])
+            if "fd" in names:
+                out["fd"] = M.fid_from_stats(M.feature_stats(cf), (ev.cls_ref["mu"], ev.cls_ref["sigma"]))
+                out["fd_num_real"] = int(ev.cls_ref["meta"].get("count", ev.cls_ref["meta"]["num"]))
+            if "fd_pr" in names:
+                n = min(int(e.pr_num), len(cf), len(ev.cls_ref["feats"]))
+                out["fd_precision"], out["fd_recall"] = M.precision_recall(ev.cls_ref["feats"][:n], cf[:n],
+                                                                           k=int(e.pr_k))  # fmt: skip
+                out["fd_pr_num"] = n
+        if "prompt_acc" in names:
+            pred = {a: np.concatenate([c[a] for c in self.cpred]) for a in ev.classifier.names}
+            out.update(M.prompt_accuracy(ev.parsed, pred))
+        if self.td:
+            out["teacher_dist"] = float(np.mean(np.concatenate(self.td)))
+            out["teacher_dist_pixel"] = float(np.mean(np.concatenate(self.td_pix)))
+            out["teacher_dist_num"] = self.n_td
+        out["eval_s"] = time.perf_counter() - self.t0
+        return out
+
+
 def _save_pngs(folder: str, images: np.ndarray, start: int) -> None:
     from d2g_jax.train.trainer import write_png
 
     os.makedirs(folder, exist_ok=True)
     for j, im in enumerate(images):
         write_png(os.path.join(folder, f"{start + j:05d}.png"), im)
+
+
+class ImageFolder:
+    """A folder of images with captions (`eval.images`): `<folder>/captions.jsonl` (d2g_jax's dataset format) or,
+    if absent, `<folder>/samples.jsonl` (the sample mode's / a saved evaluation's): one JSON object per line with
+    the image's path relative to the folder under "file" and its caption under `field` (default: the first of
+    "caption", "prompt", "text"). The images come in a seeded random order (`seed`), as a generator's prompts do —
+    a folder sorted by class would otherwise bias the first-`pr_num` precision/recall and the saved images — and
+    `num` > 0 keeps the first `num` of that order (else all). Indexing a slice reads those images (uint8
+    [n, H, W, 3])."""
+
+    MANIFESTS = ("captions.jsonl", "samples.jsonl")
+
+    def __init__(self, folder: str, field: str = "", num: int = 0, seed: int = 0):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"config.eval.images={folder}: not a folder. Give a folder with images and "
+                                    f"{' or '.join(self.MANIFESTS)} (one {{\"file\", \"caption\"}} per "
+                                    "line).")  # fmt: skip
+        manifest = next((os.path.join(folder, m) for m in self.MANIFESTS if os.path.isfile(os.path.join(folder, m))),
+                        None)  # fmt: skip
+        if manifest is None:
+            raise FileNotFoundError(f"config.eval.images={folder}: no {' or '.join(self.MANIFESTS)} there (one JSON "
+                                    "object per line with the image's \"file\" and its \"caption\").")  # fmt: skip
+        files, captions = [], []
+        with open(manifest) as f:
+            for ln, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{manifest}:{ln}: not JSON ({err}).") from err
+                keys = [field] if field else [k for k in ("caption", "prompt", "text") if k in rec][:1]
+                if not isinstance(rec, dict) or "file" not in rec or not keys or keys[0] not in rec:
+                    want = repr(field) if field else "'caption', 'prompt' or 'text'"
+                    got = sorted(rec) if isinstance(rec, dict) else rec
+                    raise ValueError(f"{manifest}:{ln}: needs a 'file' and a caption ({want}; "
+                                     f"config.eval.prompt_field names another key); got {got!r}.")  # fmt: skip
+                path = os.path.join(folder, str(rec["file"]))
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{manifest}:{ln}: image {path} does not exist.")
+                files.append(path)
+                captions.append(str(rec[keys[0]]))
+        if not files:
+            raise ValueError(f"{manifest}: no images listed.")
+        if num > len(files):
+            raise ValueError(f"config.eval.images_num={num} but {manifest} lists {len(files)} images.")
+        idx = np.random.default_rng(seed).permutation(len(files))[: num or len(files)]
+        files, captions = [files[i] for i in idx], [captions[i] for i in idx]
+        self.folder, self.manifest, self.files, self.captions = folder, manifest, files, captions
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        from d2g_jax.eval.reference import _read_rgb
+
+        imgs = [_read_rgb(p) for p in self.files[sl]]
+        shapes = {im.shape for im in imgs}
+        if len(shapes) > 1:
+            raise ValueError(f"{self.folder}: images of different sizes {sorted(shapes)} (e.g. {self.files[sl][0]}); "
+                             "config.eval.images needs images of one size, as a generator makes.")  # fmt: skip
+        return np.stack(imgs)
 
 
 def write_results(workdir: str, tag: str, step: int, results: dict[str, Any], extra: dict[str, Any]) -> str:
@@ -287,39 +504,88 @@ def write_results(workdir: str, tag: str, step: int, results: dict[str, Any], ex
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--config.mode=eval` on the exported generator (or `eval.unet`; `eval.teacher` = the teacher's ODE)."""
+    """`--config.mode=eval` on the exported generator (or `eval.unet`; `eval.teacher` = the teacher's ODE;
+    `eval.images` = a folder of captioned images instead of a generator)."""
     from d2g_jax import pipeline
     from d2g_jax import sharding as shd
     from d2g_jax.generate import OneStepSampler, generator_unet, read_export_info
 
     e = config.eval
     names = parse_metrics(e.metrics)
+    if e.images:
+        return _run_eval_images(config, workdir, names)
     teacher = pipeline.teacher_path(config, workdir)
-    unet_dir = generator_unet(config, workdir, "eval.unet")
+    use_teacher = bool(e.teacher)
+    # The teacher rows need no student: without eval.unet its own U-Net stands in (its params are not used).
+    if use_teacher:
+        unet_dir = e.unet or os.path.join(teacher, "unet")
+    else:
+        unet_dir = generator_unet(config, workdir, "eval.unet")
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch = int(e.batch_size) or int(config.sample.batch_size) or mesh.size
     batch = math.ceil(batch / mesh.size) * mesh.size
-    use_teacher = bool(e.teacher)
     teacher_ode = (float(config.pairs.guidance_scale), int(config.pairs.num_steps))
     evaluator = Evaluator(config, workdir, int(e.num_images), names)
+    evaluator.check_resolution(int(config.pairs.resolution), f"config.pairs.resolution={config.pairs.resolution}")
     sampler = OneStepSampler.load(teacher, unet_dir, resolution=int(config.pairs.resolution), batch_size=batch,
                                   mesh=mesh, dtype=config.sample.dtype or config.teacher.dtype,
-                                  with_teacher=use_teacher or "dreamsim" in names)  # fmt: skip
+                                  with_teacher=use_teacher or evaluator.needs_teacher)  # fmt: skip
     info = read_export_info(unet_dir)
     step = int(info.get("step", 0))
-    what = "teacher" if use_teacher else f"step_{step:08d}"
-    tag = f"{what}_{e.real_name}_{e.num_images}" if {"fid", "pr"} & set(names) else f"{what}_{e.num_images}"
+    if use_teacher:
+        what = "teacher"
+    elif "step" in info:
+        what = f"step_{step:08d}"
+    else:  # a plain diffusers U-Net folder (e.g. <teacher>/unet: the teacher's one-step x0 prediction)
+        what = "unet_" + os.path.basename(os.path.dirname(os.path.abspath(unet_dir)))
+    uses_real = {"fid", "pr", "fd", "fd_pr"} & set(names)
+    tag = f"{what}_{e.real_name}_{e.num_images}" if uses_real else f"{what}_{e.num_images}"
     save_dir = os.path.join(workdir, "eval", f"{tag}_images")
     results = evaluator.run(sampler, use_teacher=use_teacher, teacher_ode=teacher_ode, save_dir=save_dir,
                             save_num=min(int(e.save_images), int(e.num_images)))  # fmt: skip
     extra = {"generator": "teacher ODE" if use_teacher else os.path.abspath(unet_dir),
              "teacher": os.path.abspath(teacher), "teacher_ode": {"guidance_scale": teacher_ode[0],
                                                                   "num_steps": teacher_ode[1]},
-             "prompts": e.prompts, "resolution": int(config.pairs.resolution), "eval_resolution": int(e.resolution),
-             "protocol": "GigaGAN evaluation code + clean-fid: center crop, PIL LANCZOS to eval_resolution, "
-                         "clean-fid bicubic to 299, clean-fid Inception; CLIP score as GigaGAN (\"A photo depicts\")",
-             "reference": evaluator.ref["meta"] if evaluator.ref else None,
-             "random_extractors": bool(e.random_extractors)}  # fmt: skip
+             "prompts": e.prompts, "resolution": int(config.pairs.resolution), **_eval_extra(evaluator)}  # fmt: skip
     path = write_results(workdir, tag, step, results, extra)
     logging.info("eval: %s → %s", {k: v for k, v in results.items()}, path)
+    return results
+
+
+def _eval_extra(evaluator: Evaluator) -> dict[str, Any]:
+    e = evaluator.config.eval
+    clf = evaluator.classifier
+    out = {"eval_resolution": int(e.resolution),
+           "protocol": "GigaGAN evaluation code + clean-fid: center crop, PIL LANCZOS to eval_resolution, "
+                       "clean-fid bicubic to 299, clean-fid Inception; CLIP score as GigaGAN (\"A photo depicts\")",
+           "reference": evaluator.ref["meta"] if evaluator.ref else None,
+           "random_extractors": bool(e.random_extractors)}  # fmt: skip
+    if clf is not None:
+        out["classifier"] = {"folder": clf.folder, "identity": clf.identity, "attributes": clf.config.classes,
+                             "input": clf.protocol,
+                             "fd": "Fréchet distance of the penultimate features vs config.eval.real",
+                             "fd_pr": f"precision/recall of the same features, k = {int(e.pr_k)}",
+                             "prompt_acc": "share of images predicted as their prompt names (every attribute), over "
+                                           "prompts naming exactly one class of every attribute",
+                             "teacher_dist": "1 - cos of the penultimate features, student vs teacher ODE image on the "
+                                             "same noise; teacher_dist_pixel: RMS pixel difference / 255"}  # fmt: skip
+        out["classifier_reference"] = evaluator.cls_ref["meta"] if evaluator.cls_ref else None
+    return out
+
+
+def _run_eval_images(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str]) -> dict[str, Any]:
+    """`eval.images`: the metrics of a folder of captioned images, scored as if generated."""
+    e = config.eval
+    folder = ImageFolder(e.images, e.prompt_field, int(e.images_num), int(e.seed))
+    evaluator = Evaluator(config, workdir, len(folder), names, prompts=folder.captions)
+    name = os.path.basename(os.path.normpath(e.images))
+    uses_real = {"fid", "pr", "fd", "fd_pr"} & set(names)
+    tag = f"images_{name}_{e.real_name}_{len(folder)}" if uses_real else f"images_{name}_{len(folder)}"
+    save_dir = os.path.join(workdir, "eval", f"{tag}_images")
+    results = evaluator.run_images(folder, save_dir=save_dir, save_num=min(int(e.save_images), len(folder)),
+                                   sources=folder.files, batch_size=int(e.batch_size) or 64)  # fmt: skip
+    extra = {"generator": f"images: {os.path.abspath(folder.manifest)}", "images": os.path.abspath(e.images),
+             "images_num": len(folder), **_eval_extra(evaluator)}  # fmt: skip
+    path = write_results(workdir, tag, 0, results, extra)
+    logging.info("eval: %s → %s", results, path)
     return results

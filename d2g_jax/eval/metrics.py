@@ -14,17 +14,23 @@ image preprocessing in ``d2g_jax.eval.resize``.
 * DreamSim distance ``1 - F.cosine_similarity(emb_a, emb_b)`` (DreamSim's own definition); DreamSim-5k is its mean
   over (teacher, student) pairs generated from the same noise and prompt.
 * DreamDiv: mean pairwise DreamSim distance among the 8 images generated for one prompt, averaged over prompts.
+* Attribute-classifier metrics (``config.eval.classifier``, ``d2g_jax.eval.attributes``): ``fd`` / ``fd_pr`` are the
+  Fréchet distance and precision/recall above on the classifier's penultimate features; ``prompt_accuracy``
+  compares predicted classes with the classes a prompt names; ``teacher_dist`` is ``cosine_distance`` (as DreamSim's)
+  of the classifier features of student and teacher images from the same noise, ``pixel_rmse`` its pixel twin.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import linalg
 
 __all__ = [
     "clip_score",
+    "cosine_distance",
     "cosine_similarity",
     "dreamdiv",
     "dreamsim_distance",
@@ -34,7 +40,9 @@ __all__ = [
     "frechet_distance",
     "knn_radii",
     "pairwise_mean_distance",
+    "pixel_rmse",
     "precision_recall",
+    "prompt_accuracy",
 ]
 
 # torch.nn.functional.cosine_similarity's default eps (guards zero-norm vectors).
@@ -361,3 +369,67 @@ def dreamdiv(emb: np.ndarray) -> float:
     if emb.ndim != 3 or emb.shape[0] == 0 or emb.shape[1] < 2:
         raise ValueError(f"emb must have shape [P, K, D], P >= 1, K >= 2 images per prompt, got {emb.shape}")
     return float(np.mean([pairwise_mean_distance(e) for e in emb]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attribute-classifier metrics
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``1 - cos(a_i, b_i)`` per pair (float64 ``[N]``, in [0, 2]; [0, 1] for non-negative features such as the
+    attribute classifier's post-ReLU ones). The same formula as `dreamsim_distance`."""
+    a, b = _check_pair(a, b, ("a", "b"))
+    return 1.0 - cosine_similarity(a, b)
+
+
+def pixel_rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image root-mean-square pixel difference of uint8 ``[N, H, W, C]`` images, in units of the full range
+    (pixels / 255): float64 ``[N]`` in [0, 1]."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 4 or a.shape[0] == 0:
+        raise ValueError(f"a, b must be image batches of the same shape [N, H, W, C], N > 0; got {a.shape}, {b.shape}")
+    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    return np.sqrt(np.mean(d * d, axis=(1, 2, 3)))
+
+
+def prompt_accuracy(parsed: Sequence[Mapping[str, int | None]], predicted: Mapping[str, np.ndarray]) -> dict:
+    """How often the classifier sees in an image what its prompt names.
+
+    Args:
+      parsed: per image, {attribute: class index named by its prompt, or None when the prompt does not name
+        exactly one class of that attribute} (``attributes.parse_attributes``).
+      predicted: {attribute: int ``[N]`` predicted class per image}; the same attributes, in any order.
+
+    Returns:
+      ``prompt_acc``: share of images whose every attribute is predicted as named, over the images whose prompt
+      names every attribute (``prompt_acc_num`` of them; the others are counted in ``prompt_unparseable``);
+      ``prompt_acc_<attribute>``: share of images predicted as named for that attribute, over the images whose
+      prompt names it (``prompt_acc_<attribute>_num``).
+
+    Raises:
+      ValueError: mismatched lengths or attributes, or no prompt naming every attribute.
+    """
+    names = list(predicted)
+    n = len(parsed)
+    for a in names:
+        if np.shape(predicted[a]) != (n,):
+            raise ValueError(f"predicted[{a!r}] has shape {np.shape(predicted[a])}, expected [{n}] (one per prompt)")
+    for i, p in enumerate(parsed):
+        if set(p) != set(names):
+            raise ValueError(f"parsed[{i}] has attributes {sorted(p)}, predicted has {sorted(names)}")
+    full = np.array([all(p[a] is not None for a in names) for p in parsed], bool)
+    if not full.any():
+        raise ValueError(f"prompt_acc: none of the {n} prompts names exactly one class of every attribute "
+                         f"({', '.join(names)}); use prompts in the classifier's vocabulary (its config.json "
+                         "'attributes'), or drop prompt_acc from config.eval.metrics.")  # fmt: skip
+    out: dict[str, float | int] = {}
+    hits = np.ones(n, bool)
+    for a in names:
+        named = np.array([-1 if p[a] is None else int(p[a]) for p in parsed])
+        ok = named >= 0
+        right = ok & (np.asarray(predicted[a]) == named)
+        hits &= right
+        out[f"prompt_acc_{a}"] = float(right[ok].mean())
+        out[f"prompt_acc_{a}_num"] = int(ok.sum())
+    return {"prompt_acc": float(hits[full].mean()), "prompt_acc_num": int(full.sum()),
+            "prompt_unparseable": int((~full).sum()), **out}  # fmt: skip

@@ -6,6 +6,9 @@ real images (a folder searched recursively for .jpg/.jpeg/.png in sorted path or
 (GigaGAN: center crop + LANCZOS to `eval_res`; clean-fid: bicubic to 299), extracts Inception features and returns
 `{"mu", "sigma", "feats", "meta"}`; `feats` keeps the first `keep_feats` feature rows (Precision & Recall).
 
+With `native=True` (the attribute classifier, `d2g_jax.eval.attributes`) the images are not resized: each must
+already be `eval_res`×`eval_res` (a file of another size is named), and the extractor gets uint8 [B, H, W, 3].
+
 The cache file is `<cache_dir>/<name>_n<num>_res<eval_res>_<extractor id>.npz`; its `meta` (dataset name, image
 count, resolution, protocol, extractor identity) is checked on every load, so statistics of another dataset,
 size, resolution or feature extractor are never mixed in: a mismatch raises `ReferenceStatsError` naming the
@@ -27,6 +30,7 @@ from absl import logging
 from d2g_jax.eval import resize
 
 PROTOCOL = "gigagan-centercrop-lanczos{res}+cleanfid-bicubic299"
+NATIVE_PROTOCOL = "native-uint8-rgb{res}: no crop or resize"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -38,7 +42,8 @@ def image_files(folder: str) -> list[str]:
     """Every .jpg/.jpeg/.png under `folder` (recursive), sorted by path."""
     if not os.path.isdir(folder):
         raise ReferenceStatsError(f"config.eval.real={folder}: not a folder. Point it at the real images (e.g. "
-                                  "COCO's val2014/ with its 40,504 JPEGs) or use tfds:NAME:SPLIT[:FEATURE].")  # fmt: skip
+                                  "COCO's val2014/ with its 40,504 JPEGs) or use "
+                                  "tfds:NAME:SPLIT[:FEATURE].")  # fmt: skip
     out = []
     for root, _, files in os.walk(folder):
         out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
@@ -70,7 +75,8 @@ def _tfds_images(spec: str, limit: int) -> Iterator[np.ndarray]:
         ds = tfds.data_source(name, split=split, download=False)
     except Exception as e:  # noqa: BLE001 — name the dataset and the fix
         raise ReferenceStatsError(f"config.eval.real={spec}: cannot open TFDS {name!r} split {split!r} locally "
-                                  f"({e}). Prepare it with tfds build (data_dir via TFDS_DATA_DIR).") from e  # fmt: skip
+                                  f"({e}). Prepare it with tfds build (data_dir via "
+                                  "TFDS_DATA_DIR).") from e  # fmt: skip
     n = len(ds) if not limit else min(limit, len(ds))
     for i in range(n):
         ex = ds[i]
@@ -103,6 +109,35 @@ def _fid_inputs(source: str, num: int, eval_res: int, batch: int) -> Iterator[np
             yield np.stack(list(pool.map(work, files[start : start + batch])))
 
 
+def _native_inputs(source: str, num: int, size: int, batch: int) -> Iterator[np.ndarray]:
+    """uint8 [b, size, size, 3] batches of real images at their own resolution (no crop or resize)."""
+
+    def check(img: np.ndarray, where: str) -> np.ndarray:
+        if img.shape != (size, size, 3):
+            raise ReferenceStatsError(f"{where}: a {img.shape[0]}×{img.shape[1]} image, but the extractor reads "
+                                      f"{size}×{size} images at their native resolution (no resize); config.eval.real "
+                                      "must hold images of the generator's size.")  # fmt: skip
+        return img
+
+    if source.startswith("tfds:"):
+        buf = []
+        for i, img in enumerate(_tfds_images(source, num)):
+            buf.append(check(np.asarray(img, np.uint8), f"config.eval.real={source} example {i}"))
+            if len(buf) == batch:
+                yield np.stack(buf)
+                buf = []
+        if buf:
+            yield np.stack(buf)
+        return
+    files = image_files(source)
+    if num:
+        if num > len(files):
+            raise ReferenceStatsError(f"config.eval.num_real={num} but {source} holds {len(files)} images.")
+        files = files[:num]
+    for start in range(0, len(files), batch):
+        yield np.stack([check(_read_rgb(p), p) for p in files[start : start + batch]])
+
+
 def cache_path(cache_dir: str, name: str, num: int, eval_res: int, extractor_identity: str) -> str:
     ext = hashlib.sha256(extractor_identity.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{name}_n{num or 'all'}_res{eval_res}_{ext}.npz")
@@ -119,14 +154,18 @@ def reference_stats(
     keep_feats: int = 0,
     batch: int = 64,
     write: bool = True,
+    native: bool = False,
 ) -> dict[str, Any]:
-    """Statistics of the real images (see the module docstring); computed once per cache key."""
+    """Statistics of the real images (see the module docstring); computed once per cache key. `native`: no resize,
+    the extractor reads uint8 images of side `eval_res` (its `protocol` attribute names it in the metadata)."""
     from d2g_jax.eval import metrics
 
     if not name:
         raise ReferenceStatsError("config.eval.real_name is empty: name the real-image set (e.g. coco2014_val) so "
                                   "its cached statistics can be told apart.")  # fmt: skip
-    meta = {"dataset": name, "num": int(num), "resolution": int(eval_res), "protocol": PROTOCOL.format(res=eval_res),
+    protocol = getattr(extractor, "protocol", NATIVE_PROTOCOL.format(res=eval_res)) if native else PROTOCOL.format(
+        res=eval_res)  # fmt: skip
+    meta = {"dataset": name, "num": int(num), "resolution": int(eval_res), "protocol": protocol,
             "extractor": extractor.identity}  # fmt: skip
     path = cache_path(cache_dir, name, num, eval_res, extractor.identity)
     if os.path.isfile(path):
@@ -143,7 +182,8 @@ def reference_stats(
             logging.info("eval: %s keeps %d feature rows, %d needed: recomputing", path, z["feats"].shape[0],
                          keep_feats)  # fmt: skip
     feats = []
-    for x in _fid_inputs(source, num, eval_res, batch):
+    inputs = _native_inputs(source, num, eval_res, batch) if native else _fid_inputs(source, num, eval_res, batch)
+    for x in inputs:
         feats.append(extractor(x))
         if len(feats) % 50 == 0:
             logging.info("eval: reference features %d", sum(len(f) for f in feats))

@@ -433,7 +433,7 @@ class Trainer:
             n_dev = self.mesh.size
             batch = -(-(int(e.batch_size) or n_dev) // n_dev) * n_dev
             teacher = None
-            if "dreamsim" in evaluator.names:  # the teacher's U-Net = G's initial weights
+            if evaluator.needs_teacher:  # DreamSim / teacher_dist; the teacher's U-Net = G's initial weights
                 teacher = put_global(self.init_params, self.param_sh)
             shape = tuple(np.shape(self.source[0]["noise"]))
             sampler = OneStepSampler(self.gen, None, self.text, self._vae_decoder(), self.mesh, shape, batch,

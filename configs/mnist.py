@@ -1,0 +1,58 @@
+"""The whole job on the MNIST world (d2g_jax/world/): a Stable-Diffusion-format teacher trained by d2g_jax on real
+MNIST digits with colour captions, distilled into a one-step generator, evaluated with the world's classifier.
+
+    python -m d2g_jax.main --config=configs/mnist.py --workdir=/tmp/d2g_mnist
+
+world (the shipped, verified assets; datasets written into the workdir) → teacher DDIM pairs → stage 1
+(E-LatentLPIPS* with the world's LatentVGG) → stage 2 (+ the conditional GAN) → export → evaluation of the student,
+the teacher's 50-step ODE, the teacher's one-step x0 and the real floor, printed as a table, with a grid of teacher
+rows over student rows on the same noise (`<workdir>/report/`). Sized for ≤ 30 min on 2 CPU cores (BENCHMARKS.md).
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.world.provider = "d2g_jax.world.mnist"  # fills teacher.path, loss.ckpt_dir, pairs/eval prompts, eval.real, …
+    c.teacher.dtype = "float32"  # bf16 on this CPU is slower than fp32
+    c.pairs.guidance_scale = 3.0  # SD-CFG-3's teacher ODE
+    c.pairs.num_steps = 50  # Table A1: 50 DDIM steps
+    c.pairs.resolution = 32
+    c.pairs.num_pairs = 4096
+    c.pairs.batch_size = 256
+    c.pairs.shard_size = 1024
+    c.pairs.prompt_field = "caption"
+    c.train.num_steps = 1500
+    c.train.batch_size = 64
+    c.train.lr = 1e-4
+    c.train.lr_end = 1e-5
+    c.train.ema_start = 200
+    c.train.ema_beta = 0.99
+    c.train.dtype = "float32"
+    c.train.holdout = 64
+    c.train.num_samples = 8
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.sample_every = 500
+    c.train.ckpt_every = 500
+    c.train.prefetch = 256
+    c.stage2.num_steps = 300
+    c.stage2.batch_size = 64
+    c.stage2.log_every = 50
+    c.stage2.eval_every = 150
+    c.stage2.sample_every = 150
+    c.stage2.ckpt_every = 150
+    c.loss.encoder = "mnist"  # the world's LatentLPIPS files: mnist_latent_vgg16.pth.tar, mnist_latest_vgg16_tuned.pth
+    c.loss.kind = "e_latent_lpips_star"  # SD-CFG-3's E-LatentLPIPS* (bg + cutout) with the world's LatentVGG
+    c.eval.prompt_field = "caption"
+    c.eval.num_images = 500  # the 500 held-out captions, one image each
+    c.eval.metrics = "fd,fd_pr,prompt_acc,teacher_dist"
+    c.eval.pr_num = 500
+    c.eval.teacher_dist_num = 500
+    c.eval.batch_size = 250
+    c.sample.images_per_prompt = 1
+    c.sample.teacher = True
+    c.sample.grid_columns = 8
+    c.log_every_s = 20.0
+    return c
