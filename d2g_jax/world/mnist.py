@@ -118,4 +118,5 @@ def prepare(config: Any, workdir: str) -> dict[str, Any]:
         "eval.real_name": f"mnist_heldout_s{seed}",
         "eval.classifier": os.path.join(folder, "classifier"),
         "sample.prompts": paths["all_captions"],
+        "report.real": paths["train"],
     }
