@@ -230,7 +230,7 @@ def stage1_parts(size: str, batch: int, remat: str, concrete: bool = True):
     from d2g_jax.train.generator import Generator
     from d2g_jax.train.optim import make_optimizer
     from d2g_jax.train.state import TrainState, state_shardings
-    from d2g_jax.train.trainer import make_train_step
+    from d2g_jax.train.steps import make_train_step
 
     s = setup(size, batch, "bfloat16", remat, concrete=concrete)
     t = ml_collections.ConfigDict({"grad_accum": 1, "ema_start": 0, "ema_beta": 0.9999})
@@ -516,7 +516,6 @@ def build_sampler(size: str, root: str, dtype: str):
     from d2g_jax.models.vae import VAEConfig, load_vae
     from d2g_jax.sampling import DDIMSchedule, _vae_scale_factor
     from d2g_jax.train.generator import Generator
-    from d2g_jax.train.state import put_global
 
     cfg, side = unet_config(size)
     ctx = cfg.cross_attention_dim[0]
@@ -537,8 +536,7 @@ def build_sampler(size: str, root: str, dtype: str):
     schedule = DDIMSchedule.from_pipeline(folder)
     vsf = _vae_scale_factor(folder)
     vae_mod, vae_vars = load_vae(folder, parts=("decoder",), dtype=jnp.float32)
-    rep = shd.replicated(mesh)
-    vae_vars = put_global(vae_vars, jax.tree.map(lambda _: rep, vae_vars))
+    vae_vars = shd.replicate(vae_vars, mesh)
     text = TextEncoder.from_pipeline(folder, dtype=jnp.dtype(dtype))
     return OneStepSampler(Generator(unet, schedule, vsf), params, text, (vae_mod, vae_vars), mesh,
                           (side, side, cfg.in_channels), 1, schedule, params, "random")  # fmt: skip

@@ -4,7 +4,7 @@ step time with and without R1, peak memory.
 
     python bench/train_step.py [--sizes tiny,mid] [--stages 1,2] [--device cpu|gpu] [--iters 5] [--batch 8]
 
-Runs the trainer's own jitted step (`d2g_jax.train.trainer.make_train_step`: x0-parameterised U-Net generator,
+Runs the trainer's own jitted step (`d2g_jax.train.steps.make_train_step`: x0-parameterised U-Net generator,
 E-LatentLPIPS* with bg+cutout augmentation and the L1 term, Adam + decoupled weight decay, EMA) on random weights
 and a random batch, for U-Nets of three sizes:
 
@@ -156,7 +156,7 @@ def run(size: str, batch: int, iters: int, dtype: str, remat: str, peak: float |
 
     from d2g_jax.train.optim import make_optimizer
     from d2g_jax.train.state import TrainState, state_shardings
-    from d2g_jax.train.trainer import make_train_step
+    from d2g_jax.train.steps import make_train_step
 
     s = setup(size, batch, dtype, remat)
     params = s.params

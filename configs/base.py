@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pairs.batch_size = 64  # global batch of the jitted DDIM scan (split over all devices)
     c.pairs.shard_size = 4096  # pairs per ArrayRecord shard
     c.pairs.dir = ""  # "" = <workdir>/pairs
+    # How a rerun checks the shards already on disk: "ends" (record count + first/last record; fast) or "full"
+    # (every record decoded and checksummed; a damaged shard is named, with the fix: delete it and rerun).
+    c.pairs.verify = "ends"
 
     # Stage 1 (ODE distillation; Table A1 "First stage"). Values: SD-CFG-3.
     c.train = ml_collections.ConfigDict()
@@ -191,6 +194,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.images = ""
     c.eval.images_num = 0  # with eval.images: this many images, a seeded (eval.seed) random subset; 0 = all
 
+    # The closing comparison of --config.mode=all (configs/mnist.py): eval.metrics for the real floor, the teacher's
+    # ODE, its one-step x0 and the student, as a table (<workdir>/report/), plus a teacher-over-student grid.
+    c.report = ml_collections.ConfigDict()
+    c.report.enabled = False
+    c.report.real = ""  # captioned real images scored as if generated (the floor row); "" = no floor row
+    c.report.grid_images = 16  # prompts of the grid (from config.sample's prompts), each teacher over student
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp
     c.mesh.fsdp = 1  # parameter-sharding axis size
@@ -202,6 +212,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.world.provider = ""  # e.g. "d2g_jax.world.mnist"; "" = none (a real teacher folder and datasets)
     c.world.dir = ""  # the built world ("" = the provider's default: d2g_jax/world/assets/mnist, shipped)
     c.world.seed = 0  # the seed the world must have been built with (a world of another seed is refused)
+
+    # Identity fields (anything but logging/checkpoint cadence, mesh, phase, export/sample/eval) that may differ from
+    # the workdir's run.json on this resume, comma-separated (e.g. "train.lr,train.grad_clip" after a NaN stop):
+    # run.json takes the new values and records the change and its step in its history. "" = none may differ.
+    c.resume_changes = ""
 
     c.log_every_s = 30.0  # progress/ETA report period (seconds)
     return c

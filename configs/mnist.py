@@ -46,11 +46,14 @@ def get_config():
     c.loss.encoder = "mnist"  # the world's LatentLPIPS files: mnist_latent_vgg16.pth.tar, mnist_latest_vgg16_tuned.pth
     c.loss.kind = "e_latent_lpips_star"  # SD-CFG-3's E-LatentLPIPS* (bg + cutout) with the world's LatentVGG
     c.eval.prompt_field = "caption"
+    c.eval.real_name = ""  # filled by the world (mnist_heldout_s<seed>)
     c.eval.num_images = 500  # the 500 held-out captions, one image each
     c.eval.metrics = "fd,fd_pr,prompt_acc,teacher_dist"
     c.eval.pr_num = 500
     c.eval.teacher_dist_num = 500
     c.eval.batch_size = 250
+    c.report.enabled = True  # real floor, teacher ODE, teacher x0, student: one table + a grid
+    c.report.grid_images = 80  # every digit × colour caption once, teacher row over student row
     c.sample.images_per_prompt = 1
     c.sample.teacher = True
     c.sample.grid_columns = 8

@@ -49,5 +49,5 @@ def get_config():
     c.eval.random_extractors = True
     c.eval.dreamsim_type = "open_clip_vitb32"
     c.eval.batch_size = 8
-    c.log_every_s = 5.0
+    c.log_every_s = 30.0  # one progress line per phase per 30 s (the console stays short)
     return c

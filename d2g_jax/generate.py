@@ -28,24 +28,22 @@ predictions for the image ("predicted", "predicted_prob") and, with the teacher,
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 
+from d2g_jax import files
 from d2g_jax import sharding as shd
+from d2g_jax import workdir as wd
 from d2g_jax.train.generator import Generator
-from d2g_jax.train.state import put_global
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -62,23 +60,6 @@ def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, int, int]) -> np.nda
 @jax.jit(static_argnums=(0,))
 def _noise_batch(shape, seeds):
     return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32))(seeds)
-
-
-def latest_export(export_dir: str) -> str | None:
-    """The `unet/` folder of the highest `step_<N>` export holding `export.json`, or None."""
-    done = [d for d in glob.glob(os.path.join(export_dir, "step_*")) if os.path.isfile(os.path.join(d, "export.json"))]
-    if not done:
-        return None
-    return os.path.join(max(done, key=lambda d: int(os.path.basename(d)[len("step_") :])), "unet")
-
-
-def read_export_info(unet_dir: str) -> dict[str, Any]:
-    """`export.json` next to an exported `unet/` folder ({} for a plain diffusers U-Net folder)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(unet_dir)), "export.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 @dataclasses.dataclass
@@ -134,7 +115,7 @@ class OneStepSampler:
         if resolution % vsf:
             raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downscale factor {vsf}.")
         schedule = DDIMSchedule.from_pipeline(teacher_folder)
-        info = read_export_info(unet_folder)
+        info = wd.read_export_info(unet_folder)
         unet, variables = load_unet(unet_folder, dtype=dtype, param_dtype=jnp.float32)
         gen = Generator(unet, schedule, vsf, timestep=info.get("timestep"))
         if info and abs(float(info["alpha_T"]) - gen.alpha_sigma[0]) > 1e-6:
@@ -142,14 +123,13 @@ class OneStepSampler:
                              f"{teacher_folder} gives {gen.alpha_sigma[0]} at T={gen.t}: another teacher's "
                              "schedule. Point config.teacher.path at the run's teacher.")  # fmt: skip
         param_sh = shd.param_shardings(abstract_variables(unet)["params"], mesh)
-        params = put_global(variables["params"], param_sh)
+        params = shd.put_global(variables["params"], param_sh)
         teacher_params = None
         if with_teacher:
             _, tvars = load_unet(os.path.join(teacher_folder, "unet"), dtype=dtype, param_dtype=jnp.float32)
-            teacher_params = put_global(tvars["params"], param_sh)
+            teacher_params = shd.put_global(tvars["params"], param_sh)
         vae_mod, vae_vars = load_vae(teacher_folder, parts=("decoder",), dtype=jnp.float32)
-        rep = shd.replicated(mesh)
-        vae_vars = put_global(vae_vars, jax.tree.map(lambda _: rep, vae_vars))
+        vae_vars = shd.replicate(vae_vars, mesh)
         text = TextEncoder.from_pipeline(teacher_folder, dtype=dtype)
         side = resolution // vsf
         return cls(gen, params, text, (vae_mod, vae_vars), mesh, (side, side, unet.config.in_channels),
@@ -225,10 +205,10 @@ class OneStepSampler:
         prompts = list(prompts) + [""] * pad
         noise = np.concatenate([noise, np.zeros((pad, *noise.shape[1:]), noise.dtype)]) if pad else noise
         b4, b2 = self._shardings()
-        g = lambda xs: tuple(put_global(x, s) for x, s in zip(xs, b2))
+        g = lambda xs: tuple(shd.put_global(x, s) for x, s in zip(xs, b2))
         tok = self.text.tokenize(prompts)
         neg = self.text.tokenize([""] * self.batch_size) if negatives else None  # the teacher's CFG branch
-        return (put_global(np.asarray(noise, np.float32), b4), g(tok.ids), g(tok.masks),
+        return (shd.put_global(np.asarray(noise, np.float32), b4), g(tok.ids), g(tok.masks),
                 g(neg.ids) if neg else None, g(neg.masks) if neg else None)  # fmt: skip
 
     def _gather(self, x: jax.Array, n: int) -> np.ndarray:
@@ -260,110 +240,47 @@ class OneStepSampler:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The sample mode.
-
-
-def generator_unet(config: ml_collections.ConfigDict, workdir: str, field: str = "sample.unet") -> str:
-    """The U-Net folder to sample: `config.<field>` if set, else the run's latest export (exporting the latest
-    checkpoint first when there is none)."""
-    section, name = field.split(".")
-    explicit = config[section][name]
-    if explicit:
-        if not os.path.isfile(os.path.join(explicit, "config.json")):
-            raise FileNotFoundError(f"config.{field}={explicit}: no config.json there; expected a diffusers U-Net "
-                                    "folder such as <workdir>/export/step_<N>/unet.")  # fmt: skip
-        return explicit
-    from d2g_jax import pipeline
-
-    export_dir = config.export.dir or os.path.join(workdir, "export")
-    found = latest_export(export_dir)
-    if found is None:
-        logging.info("%s: no export yet; exporting the latest checkpoint first", export_dir)
-        found = pipeline.run_export(config, workdir)
-    return found
+# Sample sets (the sample mode writes one with `write_samples`).
 
 
 def sample_prompts(config: ml_collections.ConfigDict) -> list[str]:
     """`sample.prompts` (a prompt file, see d2g_jax.data.prompts) or `sample.prompt` ("|"-separated), each
-    repeated `sample.images_per_prompt` times."""
+    repeated `sample.images_per_prompt` times (the fields are checked by `d2g_jax.validate`)."""
     from d2g_jax.data.prompts import read_prompts
 
     s = config.sample
-    if bool(s.prompts) == bool(s.prompt):
-        raise ValueError("set exactly one of config.sample.prompts (a .txt/.jsonl/.parquet file or tfds:…) and "
-                         "config.sample.prompt ('a cat|a dog').")  # fmt: skip
     if s.prompts:
         prompts = read_prompts(s.prompts, field=s.prompt_field or None, limit=int(s.num_prompts) or None)
     else:
         prompts = [p.strip() for p in s.prompt.split("|")]
-        if any(not p for p in prompts):
-            raise ValueError(f"config.sample.prompt={s.prompt!r} has an empty prompt between '|'s.")
-    if int(s.images_per_prompt) < 1:
-        raise ValueError(f"config.sample.images_per_prompt={s.images_per_prompt} must be ≥ 1.")
     return [p for p in prompts for _ in range(int(s.images_per_prompt))]
 
 
-def image_grid(rows: Sequence[np.ndarray], columns: int) -> np.ndarray:
-    """uint8 images [N, H, W, 3] per row group → one grid; each group wraps at `columns`, groups interleaved
-    chunk by chunk (student chunk, teacher chunk, next student chunk, …)."""
-    n, h, w = rows[0].shape[:3]
-    columns = max(1, min(columns, n))
-    chunks = []
-    for start in range(0, n, columns):
-        for r in rows:
-            part = r[start : start + columns]
-            if part.shape[0] < columns:
-                part = np.concatenate([part, np.zeros((columns - part.shape[0], h, w, 3), np.uint8)])
-            chunks.append(np.concatenate(list(part), axis=1))
-    return np.concatenate(chunks, axis=0)
+def check_out_dir(out: str) -> None:
+    """A sample folder must be new or empty: nothing in it is ever overwritten."""
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out}: exists and is not empty; set config.sample.out_dir to a new or empty folder "
+                              "(nothing in an existing one is overwritten).")  # fmt: skip
 
 
-def _sample_classifier(config: ml_collections.ConfigDict):
-    """The attribute classifier of `config.eval.classifier` (None if unset) for the samples.jsonl attributes;
-    refuses one that cannot read the generator's images at their native resolution."""
-    if not config.eval.classifier:
-        return None
-    from d2g_jax.eval.attributes import load_classifier
-
-    clf = load_classifier(config.eval.classifier)
-    if int(config.pairs.resolution) != clf.input_size:
-        raise ValueError(f"config.eval.classifier={config.eval.classifier} reads {clf.input_size}×{clf.input_size} "
-                         f"images but the generator makes {config.pairs.resolution}×{config.pairs.resolution} "
-                         "(config.pairs.resolution); unset config.eval.classifier or use one trained at that "
-                         "resolution.")  # fmt: skip
-    return clf
-
-
-def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """`--config.mode=sample`: PNGs + grid + samples.jsonl under `sample.out_dir` (default
-    `<workdir>/samples/<export step>`); returns that folder."""
-    from d2g_jax import pipeline
-    from d2g_jax.train.trainer import write_png
-
-    s = config.sample
-    prompts = sample_prompts(config)
-    seeds = [int(s.seed) + i for i in range(len(prompts))]
-    clf = _sample_classifier(config) if jax.process_index() == 0 else None
-    teacher = pipeline.teacher_path(config, workdir)
-    unet_dir = generator_unet(config, workdir)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
-    batch = int(s.batch_size) or mesh.size
-    batch = math.ceil(batch / mesh.size) * mesh.size
-    sampler = OneStepSampler.load(teacher, unet_dir, resolution=int(config.pairs.resolution), batch_size=batch,
-                                  mesh=mesh, dtype=s.dtype or config.teacher.dtype,
-                                  with_teacher=bool(s.teacher))  # fmt: skip
-    info = read_export_info(unet_dir)
-    tag = f"step_{int(info['step']):08d}" if "step" in info else os.path.basename(os.path.dirname(unet_dir))
-    out = s.out_dir or os.path.join(workdir, "samples", tag)
-    if os.path.isfile(os.path.join(out, "samples.jsonl")):
-        raise FileExistsError(f"{out}: holds samples already (samples.jsonl); set config.sample.out_dir to a new "
-                              "folder or remove it.")  # fmt: skip
-    os.makedirs(out, exist_ok=True)
-    teacher_ode = (float(config.pairs.guidance_scale), int(config.pairs.num_steps)) if s.teacher else None
+def write_samples(out: str, sampler: OneStepSampler, prompts: Sequence[str], seeds: Sequence[int], *,
+                  teacher_ode: tuple[float, int] | None = None, columns: int = 8,
+                  annotate: Callable[[np.ndarray, Sequence[str], str], list[dict[str, Any]]] | None = None,
+                  extra: dict[str, Any] | None = None, teacher_first: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Generates one image per (prompt, seed) into the new or empty folder `out`: `<i:05d>.png`
+    (`<i:05d>_teacher.png` with `teacher_ode` = (CFG scale, steps)), `grid.png` (student rows, each followed by the
+    teacher's; `teacher_first`: each teacher row above its student row), `samples.jsonl` (index, seed, prompt, files,
+    and what `annotate(images, prompts, who)` adds per image, who = "student"/"teacher") and `summary.json`
+    (images/s after compile). Returns the summary."""
+    check_out_dir(out)
+    main = jax.process_index() == 0
+    if main:
+        os.makedirs(out, exist_ok=True)
+    batch = sampler.batch_size
     students, teachers, records = [], [], []
     t_total, n_timed = 0.0, 0
     for start in range(0, len(prompts), batch):
-        p, sd = prompts[start : start + batch], seeds[start : start + batch]
+        p, sd = list(prompts[start : start + batch]), list(seeds[start : start + batch])
         z = noise_for_seeds(sd, sampler.latent_shape)
         t0 = time.perf_counter()
         img = sampler.images(z, p)
@@ -374,43 +291,35 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
         t_img = sampler.teacher_images(z, p, *teacher_ode) if teacher_ode else None
         if teacher_ode:
             teachers.append(t_img)
-        fields = clf.attribute_fields(p, clf.run(img)[1]) if clf else None
-        t_fields = clf.attribute_fields(p, clf.run(t_img)[1]) if clf and teacher_ode else None
+        fields = annotate(img, p, "student") if annotate and main else None
+        t_fields = annotate(t_img, p, "teacher") if annotate and main and teacher_ode else None
         for j in range(len(img)):
             i = start + j
-            rec = {"index": i, "seed": seeds[i], "prompt": prompts[i], "file": f"{i:05d}.png"}
+            rec = {"index": i, "seed": int(seeds[i]), "prompt": prompts[i], "file": f"{i:05d}.png"}
             if teacher_ode:
                 rec["teacher_file"] = f"{i:05d}_teacher.png"
             if fields:
                 rec.update(fields[j])
             if t_fields:
-                rec["teacher_predicted"] = t_fields[j]["predicted"]
-                rec["teacher_predicted_prob"] = t_fields[j]["predicted_prob"]
-            if jax.process_index() == 0:
-                write_png(os.path.join(out, rec["file"]), img[j])
+                rec.update(t_fields[j])
+            if main:
+                files.write_png(os.path.join(out, rec["file"]), img[j])
                 if teacher_ode:
-                    write_png(os.path.join(out, rec["teacher_file"]), t_img[j])
+                    files.write_png(os.path.join(out, rec["teacher_file"]), t_img[j])
             records.append(rec)
     if not n_timed:  # a single batch: time a second call of the compiled function
-        z = noise_for_seeds(seeds[:batch], sampler.latent_shape)
+        z = noise_for_seeds(list(seeds[:batch]), sampler.latent_shape)
         t0 = time.perf_counter()
-        n_timed = len(sampler.images(z, prompts[:batch]))
+        n_timed = len(sampler.images(z, list(prompts[:batch])))
         t_total = time.perf_counter() - t0
-    student_all = np.concatenate(students)
-    rows = [student_all] + ([np.concatenate(teachers)] if teacher_ode else [])
-    ips = n_timed / t_total
-    summary = {"images": len(prompts), "unet": os.path.abspath(unet_dir), "teacher": os.path.abspath(teacher),
-               "images_per_s": ips, "batch_size": batch, "devices": mesh.size,
+    groups = [np.concatenate(students)] + ([np.concatenate(teachers)] if teacher_ode else [])
+    if teacher_first:
+        groups = groups[::-1]
+    summary = {"images": len(prompts), "images_per_s": n_timed / t_total, "batch_size": batch,
                "teacher_ode": {"guidance_scale": teacher_ode[0], "num_steps": teacher_ode[1]} if teacher_ode else None,
-               "classifier": {"folder": clf.folder, "identity": clf.identity} if clf else None}  # fmt: skip
-    if jax.process_index() == 0:
-        write_png(os.path.join(out, "grid.png"), image_grid(rows, int(s.grid_columns)))
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        tmp = os.path.join(out, "samples.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, os.path.join(out, "samples.jsonl"))
-    logging.info("sample: %d images → %s (%.2f images/s one-step, after compile, batch %d on %d devices)",
-                 len(prompts), out, ips, batch, mesh.size)  # fmt: skip
-    return out
+               **(extra or {})}  # fmt: skip
+    if main:
+        files.write_png(os.path.join(out, "grid.png"), files.image_grid(groups, columns))
+        files.atomic_write_json(os.path.join(out, "summary.json"), summary)
+        files.atomic_write_text(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    return summary

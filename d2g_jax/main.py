@@ -1,11 +1,16 @@
 """Entry point: `python -m d2g_jax.main --config=configs/<name>.py --workdir=DIR [--config.x=y ...]`.
 
-Thin by design (flax examples): parses flags, starts `jax.distributed` when asked, locks the config, and hands
-it to `d2g_jax.pipeline.run`.
+Thin by design (flax examples): parses flags, sets up the console (`--verbose` brings back third-party INFO logs),
+starts `jax.distributed` when asked, validates the locked config (`d2g_jax.validate`: every rule of every phase the
+mode will run, before anything is written) and hands it to `d2g_jax.pipeline.run`.
 
 Multi-host (one process per host, see launch/): `--jax_distributed` lets JAX detect the cluster (SLURM, Cloud
 TPU, ...); `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` set it explicitly.
 """
+
+import os
+import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -17,6 +22,7 @@ _DIST = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initia
 _COORD = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (implies --jax_distributed).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show every library's INFO logs (Orbax, grain, clu, TF) and the config.")
 
 
 def init_distributed() -> None:
@@ -83,11 +89,42 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from d2g_jax import console
+
+    console.setup(_VERBOSE.value)
+    console.set_command(sys.argv[1:])
     init_distributed()
     from d2g_jax import pipeline
+    from d2g_jax.validate import ConfigError, validate
 
-    logging.info("config:\n%s", _CONFIG.value)
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        validate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        raise app.UsageError(f"config error: {e}") from None
+    if _VERBOSE.value:
+        logging.info("config:\n%s", _CONFIG.value)
+    run_or_die(lambda: pipeline.run(_CONFIG.value, _WORKDIR.value, config_file=_config_file(sys.argv) or ""))
+
+
+def run_or_die(fn) -> None:
+    """Runs the job; on an error, prints it as the console's last line (the full traceback with --verbose) and exits
+    with status 1 at once, so background threads (Orbax's async saves, grain readers) add no shutdown noise after
+    the cause."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - every failure ends the same way: the cause, last
+        from d2g_jax import console
+
+        if console.verbose():
+            logging.error("%s", traceback.format_exc())
+        else:
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            logging.error("(raised at %s:%d; --verbose for the traceback)", tb.filename, tb.lineno)
+        logging.error("FATAL %s: %s", type(e).__name__, e)
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,30 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same full value on every process) → global `jax.Array`s with `shardings`.
+
+    `jax.make_array_from_callback` works for one and many processes alike: each process materialises only the
+    shards its devices hold.
+    """
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays → global arrays replicated on every device of `mesh` (frozen weights, small fixed inputs)."""
+    rep = replicated(mesh)
+    return put_global(tree, jax.tree.map(lambda _: rep, tree))
+
+
+def round_batch(batch: int, mesh: Mesh) -> int:
+    """The smallest multiple of the mesh's device count ≥ `batch` (≥ one example per device): the one rule for
+    every generation batch (sample mode, evaluation, periodic evaluation during training)."""
+    n = mesh.size
+    return max(1, -(-int(batch) // n)) * n

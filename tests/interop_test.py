@@ -202,5 +202,5 @@ def test_sample_mode_writes_images_grid_and_teacher_rows(sd, tmp_path):
     assert [(r["seed"], r["prompt"]) for r in recs] == list(zip([11, 12, 13], PROMPTS))
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["images_per_s"] > 0
-    with pytest.raises(FileExistsError, match="samples.jsonl"):
-        pipeline.run(c, str(tmp_path / "wd"))
+    with pytest.raises(ValueError, match="sample.out_dir=.*exists and is not empty"):
+        pipeline.run(c, str(tmp_path / "wd"))  # a rerun into the same folder: refused before anything runs

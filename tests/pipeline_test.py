@@ -8,6 +8,7 @@ import os
 import pytest
 
 from d2g_jax import pipeline
+from d2g_jax.workdir import teacher_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,4 +68,4 @@ def test_bad_mode_and_teacher_path(tmp_path):
     c = _load("sd15")
     c.teacher.path = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        pipeline.teacher_path(c, str(tmp_path))
+        teacher_path(c, str(tmp_path))

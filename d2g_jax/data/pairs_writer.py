@@ -47,6 +47,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from d2g_jax import files
 from d2g_jax.sampling import Teacher, ddim_sample
 
 FORMAT = "d2g_pairs"
@@ -165,16 +166,6 @@ def read_manifest(out_dir: str) -> dict[str, Any] | None:
     return m
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to `path` via a unique temp file + fsync + rename (readers never see a partial file)."""
-    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}{TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
@@ -185,8 +176,10 @@ def _short(v: Any) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
-def verify_shard(path: str, start: int, end: int, run_id: str) -> None:
-    """Checks a finished shard: record count = end − start, first and last records belong to this run/range."""
+def verify_shard(path: str, start: int, end: int, run_id: str, full: bool = False) -> None:
+    """Checks a finished shard: record count = end − start, and the first and last records (`full`: every record,
+    decoded with its checksum) belong to this run and range. A bad shard is named with the fix: delete it and
+    rerun, which regenerates exactly that shard."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     try:
@@ -198,8 +191,12 @@ def verify_shard(path: str, start: int, end: int, run_id: str) -> None:
         if n != end - start:
             raise PairsError(f"{path}: {n} records, expected {end - start} (pairs [{start}, {end})); the file is "
                              "corrupt or truncated: delete it and rerun generate_pairs to regenerate it.")  # fmt: skip
-        for pos in sorted({0, n - 1}):
-            r = decode_record(reader.read([pos])[0], f"{path} record {pos}")
+        for pos in range(n) if full else sorted({0, n - 1}):
+            try:
+                r = decode_record(reader.read([pos])[0], f"{path} record {pos}")
+            except Exception as e:  # noqa: BLE001 - a bad checksum (PairsError) or an unreadable record (C++ errors)
+                raise PairsError(f"{path}: record {pos} is damaged ({e}). Delete {path} and rerun "
+                                 "--config.mode=pairs to regenerate that shard.") from None  # fmt: skip
             if r["run"] != run_id or r["index"] != start + pos:
                 raise PairsError(f"{path}: record {pos} is pair {r['index']} of run {r['run']}, expected pair "
                                  f"{start + pos} of run {run_id} (a shard from another dataset?).")  # fmt: skip
@@ -385,6 +382,7 @@ def generate_pairs(
     process_count: int | None = None,
     on_shard_done: Callable[[str], None] | None = None,
     log_every_s: float = 60.0,
+    verify: str = "ends",
 ) -> dict[str, Any]:
     """Simulates the teacher's DDIM ODE for pairs [0, num_pairs) and writes them under `out_dir` (resumable).
 
@@ -402,6 +400,8 @@ def generate_pairs(
       process_index, process_count: this process's block of shards (default: jax.process_index/count).
       on_shard_done: called with the path of each finished shard (after its rename).
       log_every_s: progress log period (pairs done, pairs/s, ETA).
+      verify: how finished shards found on disk are checked: "ends" (record count + first and last record) or
+        "full" (every record decoded and checksummed; a damaged shard is named with the fix).
 
     Returns:
       The manifest dict (`complete` is true once every shard of every process exists).
@@ -409,6 +409,8 @@ def generate_pairs(
     num_pairs = len(prompts) if num_pairs is None else int(num_pairs)
     if not prompts:
         raise PairsError("no prompts given.")
+    if verify not in ("ends", "full"):
+        raise PairsError(f"verify={verify!r}: 'ends' or 'full'.")
     if num_pairs <= 0 or shard_size <= 0 or batch_size <= 0 or num_steps <= 0:
         raise PairsError(f"num_pairs ({num_pairs}), shard_size ({shard_size}), batch_size ({batch_size}) and "
                          f"num_steps ({num_steps}) must be positive.")  # fmt: skip
@@ -457,7 +459,7 @@ def generate_pairs(
             logging.info("%s: removing partial shard left by an interrupted run.", path + TMP_SUFFIX)
             os.remove(path + TMP_SUFFIX)
         if os.path.exists(path):
-            verify_shard(path, s, e, run_id)
+            verify_shard(path, s, e, run_id, full=verify == "full")
         else:
             pending.append((s, e))
     total = sum(e - s for s, e in mine)
@@ -478,7 +480,7 @@ def generate_pairs(
         multihost_utils.sync_global_devices(f"d2g_pairs_done_{run_id}")
     if all(os.path.exists(os.path.join(out_dir, shard_name(s, e))) for s, e in shards):
         manifest["complete"] = True
-        write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)
+        files.atomic_write_json(os.path.join(out_dir, MANIFEST), manifest, sort_keys=True)
         logging.info("%s: all %d shards (%d pairs) complete.", out_dir, len(shards), num_pairs)
     return manifest
 
@@ -493,7 +495,7 @@ def _claim_dir(out_dir: str, manifest: dict[str, Any]) -> None:
         if strays:
             raise PairsError(f"{out_dir}: holds shard files ({strays[0]}, ...) but no {MANIFEST}; refusing to mix "
                              "datasets. Use an empty folder.")  # fmt: skip
-        write_json_atomic(path, manifest)
+        files.atomic_write_json(path, manifest, sort_keys=True)
         return
     diff = _identity_diff(old.get("identity", {}), manifest["identity"])
     if diff:

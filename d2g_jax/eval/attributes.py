@@ -45,6 +45,9 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from d2g_jax import files
+from d2g_jax.models.weights import write_safetensors
+
 __all__ = [
     "AttributeCNN",
     "AttributeClassifier",
@@ -241,16 +244,11 @@ def _abstract_params(config: ClassifierConfig) -> dict[str, Any]:
 def save_classifier(folder: str, config: ClassifierConfig, params: Any) -> str:
     """Writes `folder/config.json` and `folder/model.safetensors` (each atomically; the folder may hold other files).
     Checks the parameters against the architecture first."""
-    from d2g_jax.models.weights import write_safetensors
-
     flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
     _check_tensors(flat, config, f"parameters given to save_classifier({folder!r})")
     os.makedirs(folder, exist_ok=True)
     write_safetensors(os.path.join(folder, WEIGHTS_NAME), flat, {"format": "flax", "kind": KIND})
-    tmp = os.path.join(folder, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config.to_json(), f, indent=1)
-    os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+    files.atomic_write_json(os.path.join(folder, CONFIG_NAME), config.to_json())
     return folder
 
 

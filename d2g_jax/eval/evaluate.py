@@ -54,8 +54,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from d2g_jax import files
+from d2g_jax.data.prompts import read_prompts
 from d2g_jax.eval import metrics as M
 from d2g_jax.eval import resize
+from d2g_jax.eval.reference import reference_stats
+from d2g_jax.generate import noise_for_seeds
+from d2g_jax.workdir import TINY_PROMPTS
 
 METRICS = ("fid", "pr", "clip", "dreamsim", "dreamdiv", "fd", "fd_pr", "prompt_acc", "teacher_dist")
 CLASSIFIER_METRICS = ("fd", "fd_pr", "prompt_acc", "teacher_dist")  # need config.eval.classifier
@@ -93,12 +98,8 @@ def coco_captions(path: str, num: int, seed: int) -> list[str]:
 def eval_prompts(config: ml_collections.ConfigDict, num: int) -> list[str]:
     """`num` captions from `config.eval.prompts` (COCO json: see `coco_captions`; other prompt files: `num`
     drawn without replacement, seeded, in file order)."""
-    from d2g_jax.data.prompts import read_prompts
-
     e = config.eval
     if not e.prompts and config.teacher.tiny:  # the tiny run's built-in captions
-        from d2g_jax.pipeline import TINY_PROMPTS
-
         if num > len(TINY_PROMPTS):
             raise ValueError(f"config.eval.num_images={num}: the tiny run has {len(TINY_PROMPTS)} built-in captions.")
         return list(TINY_PROMPTS[:num])
@@ -189,7 +190,6 @@ class Evaluator:
         self.ref = self.cls_ref = None
         names = set(self.names)
         if self.is_main and {"fid", "pr", "fd", "fd_pr"} & names:
-            from d2g_jax.eval.reference import reference_stats
 
             if not e.real:
                 raise ValueError("config.eval.real is empty: FID / Precision & Recall (and fd / fd_pr) need the real "
@@ -229,8 +229,6 @@ class Evaluator:
         images instead (the paper's teacher rows); `teacher_ode` = (CFG scale, steps) for the teacher. The first
         `save_num` generated images are written to `save_dir` as `<i:05d>.png` (+ `captions.txt`,
         `samples.jsonl` and their features: `inception_features.npz`, `classifier_features.npz`)."""
-        from d2g_jax.generate import noise_for_seeds
-
         names = set(self.names)
         if (self.needs_teacher or use_teacher) and teacher_ode is None:
             raise ValueError("DreamSim-5k, teacher_dist and teacher evaluation need the teacher ODE (CFG scale, "
@@ -240,10 +238,14 @@ class Evaluator:
         col = _Collector(self, save_dir, save_num, t0)
         n_teacher = max(col.n_ds, col.n_td)
         bs = sampler.batch_size
+        gen_s, gen_n = 0.0, 0  # generation time after the first (compiling) batch
         for start in range(0, self.num, bs):
             p = self.prompts[start : start + bs]
             z = noise_for_seeds(self.seeds[start : start + bs], sampler.latent_shape)
+            t_gen = time.perf_counter()
             img = gen(z, p)
+            if start:
+                gen_s, gen_n = gen_s + time.perf_counter() - t_gen, gen_n + len(p)
             ref = None
             if start < n_teacher:  # the student vs the teacher on the same noise (itself when evaluating the teacher)
                 k = min(len(p), n_teacher - start)
@@ -251,6 +253,8 @@ class Evaluator:
             if self.is_main:
                 col.add(img, start, teacher=ref, seeds=self.seeds[start : start + bs])
         out: dict[str, Any] = {"num_images": self.num, "generation_s": time.perf_counter() - t0}
+        if gen_n:
+            out["images_per_s"] = gen_n / gen_s  # after compile: batches 2…n of `generate` (prompts → uint8 images)
         if "dreamdiv" in names:
             out.update(self._dreamdiv(gen, sampler))
         if not self.is_main:
@@ -281,8 +285,6 @@ class Evaluator:
         return out
 
     def _dreamdiv(self, gen: Callable, sampler) -> dict[str, Any]:
-        from d2g_jax.generate import noise_for_seeds
-
         e = self.config.eval
         k = int(e.dreamdiv_per_prompt)
         n_p = min(int(e.dreamdiv_prompts), self.num)
@@ -366,10 +368,8 @@ class _Collector:
         if self.save_num:
             with open(os.path.join(self.save_dir, "captions.txt"), "w") as f:
                 f.writelines(p.replace("\n", " ") + "\n" for p in ev.prompts[: self.save_num])
-            tmp = os.path.join(self.save_dir, "samples.jsonl.tmp")
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
-            os.replace(tmp, os.path.join(self.save_dir, "samples.jsonl"))
+            files.atomic_write_text(os.path.join(self.save_dir, "samples.jsonl"),
+                                    "".join(json.dumps(r) + "\n" for r in self.records))
         if self.feats:
             f = np.concatenate(self.feats)
             if self.save_num:  # the Inception features of the saved images (to recompute FID against other references)
@@ -411,11 +411,9 @@ class _Collector:
 
 
 def _save_pngs(folder: str, images: np.ndarray, start: int) -> None:
-    from d2g_jax.train.trainer import write_png
-
     os.makedirs(folder, exist_ok=True)
     for j, im in enumerate(images):
-        write_png(os.path.join(folder, f"{start + j:05d}.png"), im)
+        files.write_png(os.path.join(folder, f"{start + j:05d}.png"), im)
 
 
 class ImageFolder:
@@ -490,11 +488,7 @@ def write_results(workdir: str, tag: str, step: int, results: dict[str, Any], ex
     if jax.process_index() != 0:
         return path
     os.makedirs(out_dir, exist_ok=True)
-    summary = {"step": step, **extra, "metrics": results}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1, default=float)
-    os.replace(tmp, path)
+    files.atomic_write_json(path, {"step": step, **extra, "metrics": results})
     writer = metric_writers.create_default_writer(os.path.join(out_dir, "tb"), just_logging=False)
     scalars = {f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     writer.write_scalars(step, scalars)
@@ -503,56 +497,7 @@ def write_results(workdir: str, tag: str, step: int, results: dict[str, Any], ex
     return path
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--config.mode=eval` on the exported generator (or `eval.unet`; `eval.teacher` = the teacher's ODE;
-    `eval.images` = a folder of captioned images instead of a generator)."""
-    from d2g_jax import pipeline
-    from d2g_jax import sharding as shd
-    from d2g_jax.generate import OneStepSampler, generator_unet, read_export_info
-
-    e = config.eval
-    names = parse_metrics(e.metrics)
-    if e.images:
-        return _run_eval_images(config, workdir, names)
-    teacher = pipeline.teacher_path(config, workdir)
-    use_teacher = bool(e.teacher)
-    # The teacher rows need no student: without eval.unet its own U-Net stands in (its params are not used).
-    if use_teacher:
-        unet_dir = e.unet or os.path.join(teacher, "unet")
-    else:
-        unet_dir = generator_unet(config, workdir, "eval.unet")
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
-    batch = int(e.batch_size) or int(config.sample.batch_size) or mesh.size
-    batch = math.ceil(batch / mesh.size) * mesh.size
-    teacher_ode = (float(config.pairs.guidance_scale), int(config.pairs.num_steps))
-    evaluator = Evaluator(config, workdir, int(e.num_images), names)
-    evaluator.check_resolution(int(config.pairs.resolution), f"config.pairs.resolution={config.pairs.resolution}")
-    sampler = OneStepSampler.load(teacher, unet_dir, resolution=int(config.pairs.resolution), batch_size=batch,
-                                  mesh=mesh, dtype=config.sample.dtype or config.teacher.dtype,
-                                  with_teacher=use_teacher or evaluator.needs_teacher)  # fmt: skip
-    info = read_export_info(unet_dir)
-    step = int(info.get("step", 0))
-    if use_teacher:
-        what = "teacher"
-    elif "step" in info:
-        what = f"step_{step:08d}"
-    else:  # a plain diffusers U-Net folder (e.g. <teacher>/unet: the teacher's one-step x0 prediction)
-        what = "unet_" + os.path.basename(os.path.dirname(os.path.abspath(unet_dir)))
-    uses_real = {"fid", "pr", "fd", "fd_pr"} & set(names)
-    tag = f"{what}_{e.real_name}_{e.num_images}" if uses_real else f"{what}_{e.num_images}"
-    save_dir = os.path.join(workdir, "eval", f"{tag}_images")
-    results = evaluator.run(sampler, use_teacher=use_teacher, teacher_ode=teacher_ode, save_dir=save_dir,
-                            save_num=min(int(e.save_images), int(e.num_images)))  # fmt: skip
-    extra = {"generator": "teacher ODE" if use_teacher else os.path.abspath(unet_dir),
-             "teacher": os.path.abspath(teacher), "teacher_ode": {"guidance_scale": teacher_ode[0],
-                                                                  "num_steps": teacher_ode[1]},
-             "prompts": e.prompts, "resolution": int(config.pairs.resolution), **_eval_extra(evaluator)}  # fmt: skip
-    path = write_results(workdir, tag, step, results, extra)
-    logging.info("eval: %s → %s", {k: v for k, v in results.items()}, path)
-    return results
-
-
-def _eval_extra(evaluator: Evaluator) -> dict[str, Any]:
+def eval_extra(evaluator: Evaluator) -> dict[str, Any]:
     e = evaluator.config.eval
     clf = evaluator.classifier
     out = {"eval_resolution": int(e.resolution),
@@ -571,21 +516,3 @@ def _eval_extra(evaluator: Evaluator) -> dict[str, Any]:
                                              "same noise; teacher_dist_pixel: RMS pixel difference / 255"}  # fmt: skip
         out["classifier_reference"] = evaluator.cls_ref["meta"] if evaluator.cls_ref else None
     return out
-
-
-def _run_eval_images(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str]) -> dict[str, Any]:
-    """`eval.images`: the metrics of a folder of captioned images, scored as if generated."""
-    e = config.eval
-    folder = ImageFolder(e.images, e.prompt_field, int(e.images_num), int(e.seed))
-    evaluator = Evaluator(config, workdir, len(folder), names, prompts=folder.captions)
-    name = os.path.basename(os.path.normpath(e.images))
-    uses_real = {"fid", "pr", "fd", "fd_pr"} & set(names)
-    tag = f"images_{name}_{e.real_name}_{len(folder)}" if uses_real else f"images_{name}_{len(folder)}"
-    save_dir = os.path.join(workdir, "eval", f"{tag}_images")
-    results = evaluator.run_images(folder, save_dir=save_dir, save_num=min(int(e.save_images), len(folder)),
-                                   sources=folder.files, batch_size=int(e.batch_size) or 64)  # fmt: skip
-    extra = {"generator": f"images: {os.path.abspath(folder.manifest)}", "images": os.path.abspath(e.images),
-             "images_num": len(folder), **_eval_extra(evaluator)}  # fmt: skip
-    path = write_results(workdir, tag, 0, results, extra)
-    logging.info("eval: %s → %s", results, path)
-    return results

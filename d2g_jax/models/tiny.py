@@ -106,8 +106,10 @@ def random_params(abstract: Any, seed: int) -> dict[str, Any]:
     return traverse_util.unflatten_dict(out)
 
 
-def _clip_config_json(c: CLIPTextConfig) -> dict[str, Any]:
-    return {
+def clip_config_json(c: CLIPTextConfig, *, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+                     dtype: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """transformers' `CLIPTextModel` config.json for `c` (`dtype`: the model dtype transformers builds, if set)."""
+    out = {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": c.vocab_size,
@@ -119,15 +121,19 @@ def _clip_config_json(c: CLIPTextConfig) -> dict[str, Any]:
         "hidden_act": c.hidden_act,
         "layer_norm_eps": c.layer_norm_eps,
         "projection_dim": c.projection_dim,
-        "bos_token_id": c.vocab_size - 2,
-        "eos_token_id": 2,  # SD's legacy marker: pool at the argmax id (EOS is the largest id)
-        "pad_token_id": c.vocab_size - 1,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
     }
+    if dtype:
+        out["dtype"] = dtype
+    return out
 
 
-def _vae_config_json(c: VAEConfig) -> dict[str, Any]:
+def vae_config_json(c: VAEConfig, sample_size: int | None = None) -> dict[str, Any]:
+    """diffusers' `AutoencoderKL` config.json for `c` (the fields `VAEConfig.from_diffusers` reads)."""
     n = len(c.block_out_channels)
-    return {
+    out = {
         "_class_name": "AutoencoderKL",
         "act_fn": "silu",
         "block_out_channels": list(c.block_out_channels),
@@ -137,9 +143,13 @@ def _vae_config_json(c: VAEConfig) -> dict[str, Any]:
         "out_channels": c.out_channels,
         "latent_channels": c.latent_channels,
         "layers_per_block": c.layers_per_block,
+        "mid_block_add_attention": c.mid_block_add_attention,
         "norm_num_groups": c.norm_num_groups,
-        "scaling_factor": c.scaling_factor,
     }
+    if sample_size is not None:
+        out["sample_size"] = sample_size
+    out["scaling_factor"] = c.scaling_factor
+    return out
 
 
 def _write_model(folder: str, config: dict[str, Any], params: dict[str, Any], weights: str) -> None:
@@ -162,10 +172,12 @@ def write_tiny_pipeline(
         num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=77, eos_token_id=2,
     )  # fmt: skip
     clip_params = random_params(clip_abstract(CLIPTextModel(clip)), seed)
-    _write_model(os.path.join(folder, "text_encoder"), _clip_config_json(clip), clip_params, "model.safetensors")
+    clip_json = clip_config_json(clip, bos_token_id=vocab - 2, eos_token_id=2,  # SD's legacy marker: pool at the
+                                 pad_token_id=vocab - 1)  # argmax id (EOS is the largest id)  # fmt: skip
+    _write_model(os.path.join(folder, "text_encoder"), clip_json, clip_params, "model.safetensors")
 
     vae_params = random_params(vae_abstract(AutoencoderKL(vae)), seed + 1)
-    _write_model(os.path.join(folder, "vae"), _vae_config_json(vae), vae_params, "diffusion_pytorch_model.safetensors")
+    _write_model(os.path.join(folder, "vae"), vae_config_json(vae), vae_params, "diffusion_pytorch_model.safetensors")
 
     unet_params = random_params(nn.unbox(abstract_variables(UNet2DConditionModel(unet)))["params"], seed + 2)
     save_unet(os.path.join(folder, "unet"), unet, {"params": unet_params})

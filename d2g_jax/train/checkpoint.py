@@ -3,29 +3,43 @@
 A checkpoint (`<workdir>/<stage>/checkpoints/<step>/`) holds the `TrainState` (G, EMA, optimiser, step, RNG; D and
 its optimiser in stage 2) and the grain iterator state of every host, written atomically by Orbax (temporary
 directory renamed on commit), asynchronously, keeping the last `keep`. `<workdir>/run.json` records the config
-fields that define the run; a restart with a different value, or a workdir whose checkpoints have no `run.json`,
-is refused with the differing fields named, so one run's checkpoints are never continued by another.
+fields that define the run, written once the first phase has started cleanly (`record_run`); a restart with a
+different value, or a workdir whose checkpoints have no `run.json`, is refused with the differing fields named, so
+one run's checkpoints are never continued by another — unless the field is named in `config.resume_changes`
+(e.g. a lower `train.lr` after a NaN stop): then run.json takes the new value and records the change in its history.
+
+Restores walk back (`restore_newest_readable`): a damaged newest checkpoint (truncated data, missing metadata,
+emptied iterator state, a removed item) is named in one line with its error, moved aside as
+`<step>.corrupt-<time>` (never deleted), and the previous one is tried; only when none restores is the run refused,
+naming each. A failed asynchronous save is raised at the next step (`check_saves`), not at the next save.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+
+from d2g_jax import files
 
 RUN_FILE = "run.json"
-# Config fields that may change between restarts of one run (logging/checkpoint cadence, topology, phase).
+# The one table of config fields that may change between restarts of one run (logging/checkpoint cadence, topology,
+# phase, use modes): everything else is the run's identity (`run.json`). The cadence fields of config.train also
+# apply to config.stage2, which shares them (train/stage2.py: stage2_overrides).
+CADENCE = ("log_every", "eval_every", "sample_every", "ckpt_every", "stop_after")
 VOLATILE = (
-    "mode", "log_every_s", "mesh", "export", "sample", "eval",
-    "pairs.batch_size", "teacher.dtype",
-    "train.log_every", "train.eval_every", "train.sample_every", "train.ckpt_every", "train.keep",
-    "train.async_ckpt", "train.num_samples", "train.prefetch", "train.stop_after",
-    "stage2.log_every", "stage2.eval_every", "stage2.sample_every", "stage2.ckpt_every", "stage2.stop_after",
+    "mode", "log_every_s", "mesh", "export", "sample", "eval", "report", "resume_changes",
+    "pairs.batch_size", "pairs.verify", "teacher.dtype",
+    "train.keep", "train.async_ckpt", "train.num_samples", "train.prefetch",
+    *(f"{s}.{k}" for s in ("train", "stage2") for k in CADENCE),
 )  # fmt: skip
 
 
@@ -50,38 +64,75 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in sorted(flat.items()) if not any(k == p or k.startswith(p + ".") for p in VOLATILE)}
 
 
+HISTORY = "_history"  # run.json: the accepted resume_changes, oldest first (not part of the identity)
+
+
+def _latest_step_on_disk(workdir: str) -> int | None:
+    steps = []
+    for stage in ("stage1", "stage2"):
+        ck = os.path.join(workdir, stage, "checkpoints")
+        if os.path.isdir(ck):
+            steps += [int(d) for d in os.listdir(ck) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def resume_change_fields(config: ml_collections.ConfigDict) -> list[str]:
+    return [f.strip() for f in str(config.get("resume_changes", "")).split(",") if f.strip()]
+
+
 def check_run(workdir: str, config: ml_collections.ConfigDict, extra: dict[str, Any] | None = None) -> None:
-    """Writes `<workdir>/run.json` on the first run; on later runs refuses a different identity.
+    """Refuses a workdir that holds another run: a different identity in `<workdir>/run.json` (except the fields
+    named in `config.resume_changes`, which are then accepted: run.json takes the new values and records the change
+    with the step it applies from in its history), or checkpoints without a `run.json`. Writes nothing else; the
+    identity of a new run is written by `record_run` once its phase has started cleanly.
 
     `extra`: identity entries not in the config (e.g. the teacher fingerprint).
     """
+    ident = _identity(config, extra)
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        for stage in ("stage1", "stage2"):
+            ck = os.path.join(workdir, stage, "checkpoints")
+            if os.path.isdir(ck) and any(d.isdigit() for d in os.listdir(ck)):
+                raise RunMismatchError(f"{ck}: holds checkpoints but {path} is missing, so they cannot be matched to "
+                                       "this config; use a new --workdir. Nothing was changed.")  # fmt: skip
+        return
+    with open(path) as f:
+        old = json.load(f)
+    fields = {k: v for k, v in old.items() if not k.startswith("_")}
+    diff = sorted(k for k in set(fields) | set(ident) if fields.get(k, "<absent>") != ident.get(k, "<absent>"))
+    allowed = set(resume_change_fields(config))
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        shown = "; ".join(f"{k}: run has {fields.get(k, '<absent>')!r}, now {ident.get(k, '<absent>')!r}"
+                          for k in refused[:8])  # fmt: skip
+        raise RunMismatchError(
+            f"{path}: this workdir holds another run ({len(refused)} field(s) differ: {shown}). Use a new --workdir, "
+            "restore the original values to resume it, or accept the change deliberately with "
+            f"--config.resume_changes={','.join(refused)}. Nothing was changed."
+        )
+    if diff and jax.process_index() == 0:
+        history = list(old.get(HISTORY, []))
+        history.append({"from_step": _latest_step_on_disk(workdir), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "changes": {k: [fields.get(k), ident.get(k)] for k in diff}})  # fmt: skip
+        files.atomic_write_json(path, {**ident, HISTORY: history}, sort_keys=True)
+        logging.warning("run.json: accepted %s on resume (config.resume_changes), from step %s",
+                        {k: [fields.get(k), ident.get(k)] for k in diff}, history[-1]["from_step"])  # fmt: skip
+
+
+def record_run(workdir: str, config: ml_collections.ConfigDict, extra: dict[str, Any] | None = None) -> None:
+    """Writes `<workdir>/run.json` for a new run (process 0), after `check_run` and once the phase has started
+    cleanly, so a config that fails validation or set-up never claims the workdir."""
+    path = os.path.join(workdir, RUN_FILE)
+    if jax.process_index() == 0 and not os.path.isfile(path):
+        os.makedirs(workdir, exist_ok=True)
+        files.atomic_write_json(path, _identity(config, extra), sort_keys=True)
+
+
+def _identity(config: ml_collections.ConfigDict, extra: dict[str, Any] | None) -> dict[str, Any]:
     ident = run_identity(config)
     ident.update(extra or {})
-    ident = json.loads(json.dumps(ident))
-    path = os.path.join(workdir, RUN_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k, "<absent>") != ident.get(k, "<absent>"))
-        if diff:
-            shown = "; ".join(f"{k}: run has {old.get(k, '<absent>')!r}, now {ident.get(k, '<absent>')!r}"
-                              for k in diff[:8])  # fmt: skip
-            raise RunMismatchError(
-                f"{path}: this workdir holds another run ({len(diff)} field(s) differ: {shown}). Use a new "
-                "--workdir, or restore the original values to resume it. Nothing was changed."
-            )
-        return
-    for stage in ("stage1", "stage2"):
-        ck = os.path.join(workdir, stage, "checkpoints")
-        if os.path.isdir(ck) and os.listdir(ck):
-            raise RunMismatchError(f"{ck}: holds checkpoints but {path} is missing, so they cannot be matched to "
-                                   "this config; use a new --workdir. Nothing was changed.")  # fmt: skip
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(ident, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    return json.loads(json.dumps(ident))
 
 
 def manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -102,3 +153,61 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state: Any, iterator
     if iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return mgr.restore(step, args=ocp.args.Composite(**args))["state"]
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint, or a checkpoint could not be saved."""
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}{'…' if len(msg) > limit else ''}"
+
+
+def move_aside(directory: str, step: int) -> str:
+    """Renames `<directory>/<step>` to `<step>.corrupt-<time>` (process 0; never deleted; Orbax ignores it)."""
+    src = os.path.join(directory, str(step))
+    dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0 and os.path.isdir(src):
+        n = 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+        os.replace(src, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"d2g_jax: checkpoint {step} moved aside")
+    return dst
+
+
+Restore = Callable[[ocp.CheckpointManager, int], Any]
+
+
+def restore_newest_readable(directory: str, make_manager: Callable[[], ocp.CheckpointManager],
+                            restore_fn: Restore) -> tuple[Any, int | None, Any]:  # fmt: skip
+    """`(manager, step, restore_fn(manager, step))` for the newest checkpoint in `directory` that restores; each
+    newer one that does not is named with its error in one line and moved aside (`move_aside`). `(manager, None,
+    None)` when there is no checkpoint; `CheckpointError` naming every failure when none is readable."""
+    failures = []
+    while True:
+        mgr = make_manager()
+        step = mgr.latest_step()
+        if step is None:
+            if failures:
+                raise CheckpointError(f"{directory}: no readable checkpoint; each was moved aside: "
+                                      + "; ".join(failures))  # fmt: skip
+            return mgr, None, None
+        try:
+            return mgr, step, restore_fn(mgr, step)
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways (OCDBT, JSON, tree, missing)
+            reason = _one_line(e)
+            mgr.close()
+            dst = move_aside(directory, step)
+            logging.warning("checkpoint %s unreadable (%s); moved aside to %s, trying the previous one",
+                            os.path.join(directory, str(step)), reason, dst)  # fmt: skip
+            failures.append(f"step {step} ({reason}) → {dst}")
+
+
+def check_saves(mgr: ocp.CheckpointManager) -> None:
+    """Raises the error of a failed asynchronous save (if any) now, at the next step, instead of at the next save."""
+    mgr.check_for_errors()

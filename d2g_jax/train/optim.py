@@ -21,12 +21,15 @@ SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_KEYS = ("attn1", "attn2")  # diffusers' self-/cross-attention modules inside BasicTransformerBlock
 
 
-def learning_rate_schedule(lr: float, lr_end: float, num_steps: int, kind: str = "cosine", warmup: int = 0):
-    """`step ↦ lr`: optional linear warm-up from 0, then `kind` from `lr` to `lr_end` at `num_steps`."""
+def learning_rate_schedule(lr: float, lr_end: float, num_steps: int, kind: str = "cosine", warmup: int = 0,
+                           field: str = "train"):  # fmt: skip
+    """`step ↦ lr`: optional linear warm-up from 0, then `kind` from `lr` to `lr_end` at `num_steps`. `field` is the
+    config section the values come from (`train`, `stage2`, `disc`), named in errors."""
     if kind not in SCHEDULES:
-        raise ValueError(f"train.lr_schedule={kind!r}: choose one of {SCHEDULES}.")
+        raise ValueError(f"config.{field}.lr_schedule={kind!r}: choose one of {SCHEDULES}.")
     if num_steps <= 0:
-        raise ValueError(f"the schedule needs a positive number of steps, got {num_steps}.")
+        raise ValueError(f"config.{field}: the learning-rate schedule needs a positive number of steps, got "
+                         f"{num_steps}.")  # fmt: skip
     decay_steps = max(num_steps - warmup, 1)
     if kind == "constant":
         main = optax.constant_schedule(lr)
@@ -59,12 +62,13 @@ def make_optimizer(
     weight_decay: float = 1e-2,
     weight_decay_attention: float = 1e-5,
     grad_clip: float = 0.0,
+    field: str = "train",
 ) -> tuple[optax.GradientTransformation, Any]:
     """Adam + decoupled weight decay (attention-specific) + schedule (+ global-norm clipping when > 0).
 
     Returns `(tx, lr_fn)`; `params` only provides the tree structure for the attention mask.
     """
-    lr_fn = learning_rate_schedule(lr, lr_end, num_steps, schedule, warmup)
+    lr_fn = learning_rate_schedule(lr, lr_end, num_steps, schedule, warmup, field=field)
     attn = attention_mask(params)
     not_attn = jax.tree.map(lambda a: not a, attn)
     parts = []
@@ -79,12 +83,12 @@ def make_optimizer(
     return optax.chain(*parts), lr_fn
 
 
-def optimizer_from_config(params: Any, t: ml_collections.ConfigDict, num_steps: int):
-    """`make_optimizer` with the fields of `config.train` (or `config.disc` for D)."""
+def optimizer_from_config(params: Any, t: ml_collections.ConfigDict, num_steps: int, field: str = "train"):
+    """`make_optimizer` with the fields of `config.train` (or `config.disc` for D: `field="disc"`)."""
     return make_optimizer(
         params, lr=t.lr, lr_end=t.lr_end, num_steps=num_steps, schedule=t.lr_schedule, warmup=t.warmup_steps,
         b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay, weight_decay_attention=t.weight_decay_attention,
-        grad_clip=t.grad_clip,
+        grad_clip=t.grad_clip, field=field,
     )  # fmt: skip
 
 

@@ -45,22 +45,44 @@ from d2g_jax.train.discriminator import (
     r1_penalty,
     r1_score,
 )
-from d2g_jax.train.optim import ema_update, optimizer_from_config
-from d2g_jax.train.state import TrainState, put_global, state_shardings
-from d2g_jax.train.trainer import Trainer, _global_norm
+from d2g_jax.train.optim import optimizer_from_config
+from d2g_jax.train.state import TrainState, state_shardings
+from d2g_jax.train.steps import global_norm, guarded_update
+from d2g_jax.train.trainer import Trainer
 
-# Fields of config.stage2 that replace config.train's for G in stage 2.
-STAGE2_OVERRIDES = ("num_steps", "batch_size", "lr", "lr_end", "ema_start", "log_every", "eval_every",
-                    "sample_every", "ckpt_every", "stop_after")  # fmt: skip
+
+def stage2_overrides(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The fields of `config.stage2` that replace `config.train`'s for G in stage 2: every field the two sections
+    share (num_steps, batch_size, lr, lr_end, ema_start and the logging/checkpoint cadence in configs/base.py)."""
+    return tuple(k for k in config.stage2.keys() if k in config.train.keys())
 
 
 def stage2_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config.train` with the stage-2 values of `STAGE2_OVERRIDES`."""
+    """`config.train` with the stage-2 values of `stage2_overrides`."""
     t = config.train.copy_and_resolve_references()
     with t.unlocked():
-        for k in STAGE2_OVERRIDES:
+        for k in stage2_overrides(config):
             t[k] = config.stage2[k]
     return t
+
+
+def check_disc_config(dc: ml_collections.ConfigDict, num_train_timesteps: int = 1000, batch: int | None = None) -> None:
+    """The cross-field rules of `config.disc` (run by `d2g_jax.validate` before any phase, and by the step);
+    with `batch`, also the mix-and-match row plan of D's fake batch of that size."""
+    if batch is not None:
+        mix_and_match_rows(int(batch), float(dc.mix_match_fraction), mix_match_types(dc))
+    gamma, interval, n_r1 = float(dc.r1_gamma), int(dc.r1_interval), int(dc.r1_samples)
+    if gamma < 0:
+        raise ValueError(f"config.disc.r1_gamma={dc.r1_gamma} must be ≥ 0 (0 = no R1).")
+    if gamma > 0 and (interval < 1 or n_r1 < 1):
+        raise ValueError(f"config.disc.r1_interval={interval} and config.disc.r1_samples={n_r1} must be ≥ 1 when "
+                         "r1_gamma > 0.")  # fmt: skip
+    t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
+    if dc.noise_aug and not 0 <= t_lo <= t_hi < num_train_timesteps:
+        raise ValueError(f"config.disc.noise_aug_t_min/max = {t_lo}/{t_hi}: need 0 ≤ min ≤ max < "
+                         f"{num_train_timesteps}.")  # fmt: skip
+    if not dc.noise_aug and not 0 <= int(dc.timestep) < num_train_timesteps:
+        raise ValueError(f"config.disc.timestep={dc.timestep}: need 0 ≤ t < {num_train_timesteps}.")
 
 
 def mix_match_types(dc: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -70,17 +92,12 @@ def mix_match_types(dc: ml_collections.ConfigDict) -> tuple[str, ...]:
 def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, *, distill_weight: float,
                      gan_weight: float):  # fmt: skip
     """The pure stage-2 step `(state, frozen, batch) → (state, metrics)` (see the module docstring)."""
+    ac = np.asarray(gen.schedule.alphas_cumprod, np.float32)
+    check_disc_config(dc, len(ac))
     types = mix_match_types(dc)
     plan = mix_and_match_rows(int(t.batch_size), float(dc.mix_match_fraction), types)
     gamma, interval, n_r1 = float(dc.r1_gamma), int(dc.r1_interval), int(dc.r1_samples)
-    if gamma > 0 and (interval < 1 or n_r1 < 1):
-        raise ValueError(f"config.disc.r1_interval={interval} and r1_samples={n_r1} must be ≥ 1 when r1_gamma > 0.")
-    ac = np.asarray(gen.schedule.alphas_cumprod, np.float32)
     t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
-    if dc.noise_aug and not 0 <= t_lo <= t_hi < len(ac):
-        raise ValueError(f"config.disc.noise_aug_t_min/max = {t_lo}/{t_hi}: need 0 ≤ min ≤ max < {len(ac)}.")
-    if not dc.noise_aug and not 0 <= int(dc.timestep) < len(ac):
-        raise ValueError(f"config.disc.timestep={dc.timestep}: need 0 ≤ t < {len(ac)}.")
 
     def d_apply(dparams, x, z, td, cond):
         b, h, w = x.shape[:3]
@@ -150,22 +167,12 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
             )
             d_grads = jax.tree.map(jnp.add, d_grads, r1_grads)
 
-        gnorm, dnorm = _global_norm(grads), _global_norm(d_grads)
+        gnorm, dnorm = global_norm(grads), global_norm(d_grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(d_loss) & jnp.isfinite(dnorm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
-        d_updates, disc_opt = dtx.update(d_grads, state.disc_opt, state.disc)
-        dparams = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.disc, d_updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        dparams, disc_opt = keep(dparams, state.disc), keep(disc_opt, state.disc_opt)
-        step_next = state.step + jnp.where(finite, 1, 0).astype(state.step.dtype)
-        ema = keep(ema_update(state.ema, params, step_next, int(t.ema_start), float(t.ema_beta)), state.ema)
+        new = guarded_update(state, finite, t, tx=tx, grads=grads, dtx=dtx, d_grads=d_grads)
         metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr_fn(state.step), "finite": finite, **aux,
                    "d_loss": d_loss, "d_grad_norm": dnorm, "d_lr": dlr_fn(state.step), **d_aux,
                    "r1": r1, "r1_applied": due.astype(jnp.float32)}  # fmt: skip
-        new = state.replace(step=step_next, params=params, ema=ema, opt_state=opt_state, disc=dparams,
-                            disc_opt=disc_opt)  # fmt: skip
         return new, metrics
 
     return step
@@ -175,6 +182,7 @@ class Stage2Trainer(Trainer):
     """Stage 2 of a run directory: `<workdir>/stage2/` (checkpoints hold G, EMA, D and both optimisers)."""
 
     stage = "stage2"
+    headline = ("loss", "distill", "gan_g", "d_loss", "d_real", "d_fake")
 
     def stage_config(self) -> ml_collections.ConfigDict:
         return stage2_train_config(self.config)
@@ -182,30 +190,32 @@ class Stage2Trainer(Trainer):
     def data_seed(self) -> int:
         return int(self.config.seed) + 1  # another order than stage 1's
 
-    def build_step(self):
+    def setup_stage(self) -> None:
+        """D (the teacher U-Net made multi-scale and z-conditional), its shardings and its optimiser."""
         from d2g_jax.models.unet import UNet2DConditionModel
 
-        dc, t = self.config.disc, self.t
-        if int(t.grad_accum) != 1:
-            raise ValueError(f"config.train.grad_accum={t.grad_accum}: stage 2 takes whole batches (Table A1: "
-                             "accumulation 1); lower config.stage2.batch_size instead.")  # fmt: skip
+        dc = self.config.disc
         dunet = UNet2DConditionModel(self.unet.config, dtype=self.unet.dtype, param_dtype=jnp.float32,
-                                     remat_policy=dc.remat or t.remat)  # fmt: skip
+                                     remat_policy=dc.remat or self.t.remat)  # fmt: skip
         self.disc = Discriminator(dunet, z_cond=bool(dc.z_cond), multiscale_in=bool(dc.multiscale_in),
                                   multiscale_out=bool(dc.multiscale_out))  # fmt: skip
         boxed = abstract_disc_variables(self.disc)["params"]
         self.disc_sh = shd.param_shardings(boxed, self.mesh)
-        abstract_disc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(boxed))
-        self.dtx, self.dlr_fn = optimizer_from_config(self.disc_sh, dc, int(t.num_steps))
-        abstract_state = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params, ema=self.abstract_params,
-            opt_state=jax.eval_shape(self.tx.init, self.abstract_params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-            disc=abstract_disc, disc_opt=jax.eval_shape(self.dtx.init, abstract_disc),
-        )  # fmt: skip
-        step = make_stage2_step(self.gen, self.disc, self.text, self.loss_fn, t, dc, self.tx, self.lr_fn, self.dtx,
-                                self.dlr_fn, distill_weight=float(self.config.loss.weight),
+        self.abstract_disc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(boxed))
+        self.dtx, self.dlr_fn = optimizer_from_config(self.disc_sh, dc, int(self.t.num_steps), field="disc")
+
+    def build_abstract_state(self) -> TrainState:
+        return super().build_abstract_state().replace(
+            disc=self.abstract_disc, disc_opt=jax.eval_shape(self.dtx.init, self.abstract_disc)
+        )
+
+    def build_state_shardings(self, abstract_state: TrainState) -> TrainState:
+        return state_shardings(abstract_state, self.param_sh, self.mesh, self.disc_sh)
+
+    def build_step(self):
+        return make_stage2_step(self.gen, self.disc, self.text, self.loss_fn, self.t, self.config.disc, self.tx,
+                                self.lr_fn, self.dtx, self.dlr_fn, distill_weight=float(self.config.loss.weight),
                                 gan_weight=float(self.config.stage2.gan_weight))  # fmt: skip
-        return abstract_state, step
 
     # --- the stage switch ---
 
@@ -250,17 +260,20 @@ class Stage2Trainer(Trainer):
                               rng=jax.ShapeDtypeStruct((2,), jnp.uint32))  # fmt: skip
         sh = state_shardings(abstract, self.param_sh, self.mesh)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
-        mgr = ckpt.manager(directory, 1, False)
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        restore = lambda mgr, s: mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        _, step, restored = ckpt.restore_newest_readable(directory, lambda: ckpt.manager(directory, 1, False),
+                                                         lambda mgr, s: restore(mgr, s)["state"])  # fmt: skip
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no stage-1 checkpoint to start stage 2 from.")
         return restored.params, restored.ema, step
 
     def initial_state(self) -> TrainState:
         params, ema, s1 = self._restore_stage1()
         logging.info("stage2: G and EMA from stage-1 step %d; D from the teacher U-Net", s1)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
-        disc = put_global(init_disc_params(self.disc, self.init_params, int(self.config.seed)), self.disc_sh)
+        disc = shd.put_global(init_disc_params(self.disc, self.init_params, int(self.config.seed)), self.disc_sh)
         disc_opt = jax.jit(self.dtx.init, out_shardings=self.state_sh.disc_opt)(disc)
-        rng = put_global(np.asarray(jax.random.PRNGKey(int(self.config.seed) + 2), np.uint32), self.state_sh.rng)
-        step = put_global(np.int32(0), self.state_sh.step)
+        rng = shd.put_global(np.asarray(jax.random.PRNGKey(int(self.config.seed) + 2), np.uint32), self.state_sh.rng)
+        step = shd.put_global(np.int32(0), self.state_sh.step)
         return TrainState(step=step, params=params, ema=ema, opt_state=opt_state, rng=rng, disc=disc,
                           disc_opt=disc_opt)  # fmt: skip

@@ -82,17 +82,3 @@ def state_shardings(state_abstract: TrainState, params_shardings: Any, mesh: Mes
         if state_abstract.disc_opt is None
         else mirror_shardings(state_abstract.disc_opt, state_abstract.disc, disc_shardings, mesh),
     )
-
-
-def put_global(tree: Any, shardings: Any) -> Any:
-    """Host arrays (the same full value on every process) → global `jax.Array`s with `shardings`.
-
-    `jax.make_array_from_callback` works for one and many processes alike: each process materialises only the
-    shards its devices hold.
-    """
-
-    def one(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(one, tree, shardings)

@@ -2,24 +2,32 @@
 
     L = E-LatentLPIPS(G(z, c), x0_teacher)   (+ the official L1 term; E-LatentLPIPS* for SD-CFG-3)
 
-`Trainer(config, workdir).run()` builds everything from the config and the teacher folder, restores the latest
-checkpoint of `<workdir>/stage1/` if there is one, and trains to `config.train.num_steps`:
+`Trainer(config, workdir, teacher_folder, pairs_dir)` is the set-up: models, loss, data, shardings and the jitted
+step (`d2g_jax/train/steps.py`), built from the config and the teacher folder; `run(jobs)` is the loop. It restores
+the latest checkpoint of `<workdir>/stage1/` if there is one and trains to `config.train.num_steps`:
 
 * the step is one jitted pure function `(state, frozen, batch) → (state, metrics)` with explicit in/out shardings
   on a `(data, fsdp)` mesh; the state is donated; gradient accumulation is a `lax.scan` over micro-batches;
 * bf16 compute (`config.train.dtype`) on fp32 master weights; optional `nn.remat` of every U-Net block;
 * non-finite loss or gradients: that update is not applied (the state stays the last good one), the run stops
   with a message naming the step, and the last checkpoint on disk is left as it is;
-* clu writers (TensorBoard + log): loss, E-LatentLPIPS, MSE, lr, grad norm, img/s, step time; held-out metrics
-  every `eval_every`; a teacher-vs-student sample grid (VAE-decoded PNG) every `sample_every`.
+* clu writers (TensorBoard + `<stage>/metrics.jsonl`): loss, E-LatentLPIPS, MSE, lr, grad norm, img/s, step time;
+  held-out metrics every `eval_every`; a teacher-vs-student sample grid (VAE-decoded PNG) every `sample_every`;
+  one console line per `config.log_every_s` with the step, rate, ETA and headline metrics;
+* `jobs`: periodic work handed in by the caller (the pipeline's paper-metric evaluation), `PeriodicJob`s run every
+  `every` steps and at the last step — the trainer does not import the evaluator or the sampler.
+
+Stage 2 (`stage2.py`) extends it through the hooks `stage_config`, `data_seed`, `setup_stage`,
+`build_abstract_state`, `build_state_shardings`, `build_step` and `initial_state`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,193 +38,51 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from d2g_jax import console, files
 from d2g_jax import sharding as shd
+from d2g_jax import workdir as wd
+from d2g_jax.data.loader import PairsSource, make_loader
+from d2g_jax.models.text import TextEncoder
+from d2g_jax.models.unet import abstract_variables, load_unet
+from d2g_jax.sampling import DDIMSchedule, _vae_scale_factor, pipeline_fingerprint
+from d2g_jax.train import checkpoint as ckpt
+from d2g_jax.train.distill import LOSS_KINDS, load_distill_loss
 from d2g_jax.train.generator import Generator
-from d2g_jax.train.optim import ema_update, optimizer_from_config
-from d2g_jax.train.state import TrainState, put_global, state_shardings
-
-LOSS_KINDS = {
-    "e_latent_lpips": "ensemble",  # E-LatentLPIPS (SD-CFG-8, SDXL-CFG-7)
-    "e_latent_lpips_star": "star",  # mean of E-LatentLPIPS and LatentLPIPS (SD-CFG-3)
-    "latent_lpips": "plain",  # LatentLPIPS without augmentation (ablation, Table 1)
-    "lpips_pixel": None,  # VAE decode + pixel LPIPS-VGG (ablation, Table 1)
-    "mse": None,  # plain MSE regression (ablation)
-}
+from d2g_jax.train.optim import optimizer_from_config
+from d2g_jax.train.state import TrainState, state_shardings
+from d2g_jax.train.steps import make_train_step
 
 
 class NonFiniteError(FloatingPointError):
     """Loss or gradients became NaN/inf."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loss.
+@dataclasses.dataclass(frozen=True)
+class PeriodicJob:
+    """Work the loop runs every `every` steps (0 = never) and at the last step: `fn(trainer, state, step)` returns
+    scalars (or None), written to TensorBoard as `<name>/<key>`."""
 
-
-@functools.lru_cache(maxsize=None)
-def _random_lpips_cached(encoder: str, seed: int):
-    from d2g_jax.losses.elatentlpips import random_latent_lpips
-
-    return random_latent_lpips(encoder, seed)
-
-
-def load_distill_loss(config: ml_collections.ConfigDict, teacher_folder: str):
-    """`(loss_fn, frozen_vars)` with `loss_fn(vars, x0, target, rng) → ([B] distance, [B] eval-plain distance)`."""
-    lc = config.loss
-    if lc.kind not in LOSS_KINDS:
-        raise ValueError(f"config.loss.kind={lc.kind!r}: choose one of {sorted(LOSS_KINDS)}.")
-    dtype = jnp.dtype(lc.dtype or config.train.dtype)
-    if lc.kind == "mse":
-        return (lambda v, x, y, rng: jnp.mean((x - y) ** 2, axis=(1, 2, 3))), {}
-    if lc.kind == "lpips_pixel":
-        from d2g_jax.losses.elatentlpips import pixel_lpips, vae_decoder
-        from d2g_jax.losses.latent_vgg import load_pixel_lpips
-        from d2g_jax.models.vae import load_vae
-
-        if not (lc.pixel_vgg16 and lc.pixel_lin):
-            raise ValueError("config.loss.kind='lpips_pixel' needs config.loss.pixel_vgg16 (torchvision "
-                             "vgg16-397923af.pth) and config.loss.pixel_lin (lpips weights/v0.1/vgg.pth).")  # fmt: skip
-        vae_mod, vae_vars = load_vae(teacher_folder, dtype=dtype, parts=("decoder",))
-        _, lp_vars = load_pixel_lpips(lc.pixel_vgg16, lc.pixel_lin, dtype=dtype)
-
-        def pixel(v, x, y, rng):
-            return pixel_lpips(v["lpips"], x, y, vae_decoder(vae_mod, v["vae"]), dtype=dtype)
-
-        return pixel, {"lpips": lp_vars, "vae": vae_vars}
-    from d2g_jax.losses.elatentlpips import e_latent_lpips, load_latent_lpips
-
-    if lc.random_weights:
-        logging.warning("config.loss.random_weights=True: E-LatentLPIPS uses a RANDOM latent VGG (tiny/debug runs "
-                        "only; real runs load the official checkpoints from config.loss.ckpt_dir).")  # fmt: skip
-        variables = _random_lpips_cached(lc.encoder, int(config.seed))
-    else:
-        if not lc.ckpt_dir:
-            raise ValueError("config.loss.ckpt_dir is empty: point it at the folder holding the official "
-                             f"{lc.encoder}_latent_vgg16.pth.tar and {lc.encoder}_latest_vgg16_tuned.pth "
-                             "(from the elatentlpips release).")  # fmt: skip
-        _, variables = load_latent_lpips(lc.ckpt_dir, lc.encoder, dtype=dtype)
-    mode = LOSS_KINDS[lc.kind]
-
-    def latent(v, x, y, rng):
-        return e_latent_lpips(v, x, y, rng, preset=lc.augment, l1=lc.l1, normalize=False, encoder=lc.encoder,
-                              mode=mode, dtype=dtype)  # fmt: skip
-
-    return latent, variables
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The step.
-
-
-def split_micro(batch: Mapping[str, Any], accum: int) -> Any:
-    """[B, ...] → [accum, B/accum, ...] taking rows k, k+accum, ... for micro-batch k, which keeps every
-    micro-batch split over the devices exactly like the full batch (no resharding)."""
-
-    def one(x):
-        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
-        return jnp.moveaxis(x, 1, 0)
-
-    return jax.tree.map(one, batch)
-
-
-def make_train_step(gen: Generator, text: Any, loss_fn, t: ml_collections.ConfigDict, tx, lr_fn, weight: float):
-    """The pure stage-1 step `(state, frozen, batch) → (state, metrics)`.
-
-    `frozen = {"text": text-encoder params, "loss": loss variables}`; `batch = {"noise", "latent": [B, h, w, c],
-    "ids": (per encoder [B, T] int32), "masks": (same)}`.
-    """
-    accum = int(t.grad_accum)
-
-    def loss_and_aux(params, frozen, mb, rng):
-        cond = jax.lax.stop_gradient(text.embed(frozen["text"], mb["ids"], mb["masks"]))
-        x0 = gen(params, mb["noise"], cond)
-        d = loss_fn(frozen["loss"], x0, mb["latent"], rng).astype(jnp.float32)
-        mse = jnp.mean((x0 - mb["latent"]) ** 2)
-        return weight * jnp.mean(d), {"distill": jnp.mean(d), "mse": mse}
-
-    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
-
-    def step(state: TrainState, frozen, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-        if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, frozen, batch, rng)
-        else:
-            micro = split_micro(batch, accum)
-
-            def body(carry, xs):
-                k, mb = xs
-                (loss_k, a), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, k))
-                gsum, lsum, asum = carry
-                return (jax.tree.map(jnp.add, gsum, g), lsum + loss_k, jax.tree.map(jnp.add, asum, a)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.float32(0), {"distill": jnp.float32(0), "mse": jnp.float32(0)})
-            (grads, loss, aux), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss, aux = loss / accum, jax.tree.map(lambda a: a / accum, aux)
-        gnorm = _global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        step_next = state.step + jnp.where(finite, 1, 0).astype(state.step.dtype)
-        ema = keep(ema_update(state.ema, params, step_next, int(t.ema_start), float(t.ema_beta)), state.ema)
-        metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr_fn(state.step), "finite": finite, **aux}
-        return state.replace(step=step_next, params=params, ema=ema, opt_state=opt_state), metrics
-
-    return step
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images.
-
-
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """rows of [N, H, W, 3] images in [-1, 1] → one uint8 [R·H, N·W, 3] grid."""
-    out = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    return np.clip(np.round((out + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    from PIL import Image
-
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The trainer.
+    name: str
+    every: int
+    fn: Callable[[Trainer, TrainState, int], Mapping[str, Any] | None]
 
 
 class Trainer:
     """Stage-1 training of a run directory (see the module docstring)."""
 
     stage = "stage1"
+    headline = ("loss", "distill", "mse")  # metrics on the console progress line
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, teacher_folder: str, pairs_dir: str):
-        from d2g_jax.data.loader import PairsSource, make_loader
-        from d2g_jax.models.text import TextEncoder
-        from d2g_jax.models.unet import abstract_variables, load_unet
-        from d2g_jax.sampling import DDIMSchedule, _vae_scale_factor, pipeline_fingerprint
-        from d2g_jax.train import checkpoint as ckpt
-
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, teacher_folder: str, pairs_dir: str,
+                 pairs_expect: Mapping[str, Any] | None = None):  # fmt: skip
+        """`pairs_expect`: further pair-manifest identity fields to require (the pipeline adds the prompts' hash)."""
         self.config, self.workdir, self.teacher_folder = config, workdir, teacher_folder
-        self.dir = os.path.join(workdir, self.stage)
+        self.dir = wd.stage_dir(workdir, self.stage)
         t = self.t = self.stage_config()
         self.mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
-        n_dev = self.mesh.size
-        if t.batch_size % (n_dev * t.grad_accum):
-            raise ValueError(f"config.train.batch_size={t.batch_size} must be a multiple of grad_accum "
-                             f"({t.grad_accum}) × the {n_dev} devices.")  # fmt: skip
         fingerprint = pipeline_fingerprint(teacher_folder)
-        expect = {"teacher": fingerprint}
-        source = PairsSource(pairs_dir, expect=expect)  # pairs of another teacher → PairsError, before any write
-        ckpt.check_run(workdir, config, {"teacher_fingerprint": fingerprint})
+        self.run_extra = {"teacher_fingerprint": fingerprint}
+        ckpt.check_run(workdir, config, self.run_extra)  # another run's workdir: refused before anything is built
 
         dtype = jnp.dtype(t.dtype)
         self.text = TextEncoder.from_pipeline(teacher_folder, dtype=dtype)
@@ -224,39 +90,50 @@ class Trainer:
                                     remat_policy=t.remat)  # fmt: skip
         self.unet = unet
         self.gen = Generator(unet, DDIMSchedule.from_pipeline(teacher_folder), _vae_scale_factor(teacher_folder))
+        # Pairs of another teacher or generated with other settings than config.pairs: refused.
+        side = int(config.pairs.resolution) // self.gen.vae_scale_factor
+        expect = {"teacher": fingerprint, "guidance_scale": float(config.pairs.guidance_scale),
+                  "num_steps": int(config.pairs.num_steps), "latent_shape": [side, side, unet.config.in_channels],
+                  **(pairs_expect or {})}  # fmt: skip
+        source = PairsSource(pairs_dir, expect=expect)
         self.loss_fn, loss_vars = load_distill_loss(config, teacher_folder)
 
         # Data: the first N − holdout pairs train, the last `holdout` are held out for evaluation and samples.
         n_pairs = len(source)
-        holdout = min(int(t.holdout), n_pairs // 2)
-        self.source, self.holdout = source, holdout
+        self.source, self.holdout = source, min(int(t.holdout), n_pairs // 2)
         self.loader = make_loader(source, global_batch_size=t.batch_size, seed=self.data_seed(),
-                                  limit=n_pairs - holdout, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
+                                  limit=n_pairs - self.holdout, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
 
-        # Shardings.
+        # Shardings, optimiser, frozen inputs.
         rep = shd.replicated(self.mesh)
-        boxed = abstract_variables(unet)["params"]
-        self.param_sh = shd.param_shardings(boxed, self.mesh)  # boxes → NamedShardings
-        self.tx, self.lr_fn = optimizer_from_config(self.param_sh, t, int(t.num_steps))
-        self.frozen = {
-            "text": put_global(self.text.params, jax.tree.map(lambda _: rep, self.text.params)),
-            "loss": put_global(loss_vars, jax.tree.map(lambda _: rep, loss_vars)),
-        }
+        self.param_sh = shd.param_shardings(abstract_variables(unet)["params"], self.mesh)
+        self.tx, self.lr_fn = optimizer_from_config(self.param_sh, t, int(t.num_steps), field="train")
+        self.frozen = {"text": shd.replicate(self.text.params, self.mesh), "loss": shd.replicate(loss_vars, self.mesh)}
         self.frozen_sh = jax.tree.map(lambda _: rep, self.frozen)
         self.init_params = variables["params"]
         self.abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                                             self.init_params)  # fmt: skip
-        self.batch_axes = shd.MESH_AXES
         self.batch_sh = self._batch_shardings()
-        abstract_state, step = self.build_step()
-        self.state_sh = state_shardings(abstract_state, self.param_sh, self.mesh, getattr(self, "disc_sh", None))
+
+        # The stage's state and step (hooks).
+        self.setup_stage()
+        abstract_state = self.build_abstract_state()
+        self.state_sh = self.build_state_shardings(abstract_state)
         self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                            abstract_state, self.state_sh)  # fmt: skip
-        self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
+        self.step_fn = jax.jit(self.build_step(), in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                                out_shardings=(self.state_sh, rep), donate_argnums=(0,))  # fmt: skip
         self.mgr = ckpt.manager(os.path.join(self.dir, "checkpoints"), int(t.keep), bool(t.async_ckpt))
-        self._eval_fn = None
-        self._vae = None
+
+        # Made on first use.
+        self.writer = None  # clu writer, opened by run()
+        self._eval = None  # (jitted held-out metrics, batches)
+        self._grid = None  # (jitted teacher/student decode, inputs)
+        self._decoder = None  # the teacher's VAE decoder (module, replicated variables)
+        self._sigterm = False
+        ckpt.record_run(workdir, config, self.run_extra)  # a new run's identity, once its set-up succeeded
+
+    # --- hooks (stage 2 overrides these) ---
 
     def stage_config(self) -> ml_collections.ConfigDict:
         """The G training fields of this stage (stage 1: `config.train`)."""
@@ -266,22 +143,37 @@ class Trainer:
         """Seed of this stage's data order."""
         return int(self.config.seed)
 
-    def build_step(self) -> tuple[TrainState, Any]:
-        """`(abstract TrainState, pure step)` of this stage."""
-        abstract_state = TrainState(
+    def setup_stage(self) -> None:
+        """Stage-specific models and optimisers, built after the common set-up (stage 1: none)."""
+
+    def build_abstract_state(self) -> TrainState:
+        return TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params, ema=self.abstract_params,
             opt_state=jax.eval_shape(self.tx.init, self.abstract_params),
             rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
         )  # fmt: skip
-        step = make_train_step(self.gen, self.text, self.loss_fn, self.t, self.tx, self.lr_fn,
+
+    def build_state_shardings(self, abstract_state: TrainState) -> TrainState:
+        return state_shardings(abstract_state, self.param_sh, self.mesh)
+
+    def build_step(self) -> Any:
+        """The pure step of this stage."""
+        return make_train_step(self.gen, self.text, self.loss_fn, self.t, self.tx, self.lr_fn,
                                float(self.config.loss.weight))  # fmt: skip
-        return abstract_state, step
+
+    def initial_state(self) -> TrainState:
+        params = shd.put_global(self.init_params, self.param_sh)
+        ema = shd.put_global(self.init_params, self.param_sh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
+        rng = shd.put_global(np.asarray(jax.random.PRNGKey(int(self.config.seed) + 1), np.uint32), self.state_sh.rng)
+        step = shd.put_global(np.int32(0), self.state_sh.step)
+        return TrainState(step=step, params=params, ema=ema, opt_state=opt_state, rng=rng)
 
     # --- batches ---
 
     def _batch_shardings(self) -> dict[str, Any]:
-        b4 = NamedSharding(self.mesh, P(self.batch_axes, None, None, None))
-        b2 = NamedSharding(self.mesh, P(self.batch_axes, None))
+        b4 = NamedSharding(self.mesh, P(shd.MESH_AXES, None, None, None))
+        b2 = NamedSharding(self.mesh, P(shd.MESH_AXES, None))
         n = len(self.text.modules)
         return {"noise": b4, "latent": b4, "ids": (b2,) * n, "masks": (b2,) * n}
 
@@ -300,27 +192,26 @@ class Trainer:
         """The same full batch on every host (evaluation/samples) → global sharded arrays."""
         ids, masks = self._tokens(pairs["prompt"])
         host = {"noise": pairs["noise"], "latent": pairs["latent"], "ids": ids, "masks": masks}
-        return put_global(host, self.batch_sh)
+        return shd.put_global(host, self.batch_sh)
 
     # --- state ---
 
-    def initial_state(self) -> TrainState:
-        params = put_global(self.init_params, self.param_sh)
-        ema = put_global(self.init_params, self.param_sh)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
-        rng = put_global(np.asarray(jax.random.PRNGKey(int(self.config.seed) + 1), np.uint32), self.state_sh.rng)
-        step = put_global(np.int32(0), self.state_sh.step)
-        return TrainState(step=step, params=params, ema=ema, opt_state=opt_state, rng=rng)
-
     def restore_or_init(self) -> TrainState:
-        from d2g_jax.train import checkpoint as ckpt
-
-        latest = self.mgr.latest_step()
-        if latest is None:
-            logging.info("%s: no checkpoint in %s, starting afresh", self.stage, self.dir)
+        """The newest readable checkpoint (damaged newer ones moved aside, see `checkpoint.restore_newest_readable`),
+        or the initial state; `metrics.jsonl` then drops rows past the restored step (they will be replayed)."""
+        t = self.t
+        directory = os.path.join(self.dir, "checkpoints")
+        self.mgr.close()
+        self.mgr, step, state = ckpt.restore_newest_readable(
+            directory, lambda: ckpt.manager(directory, int(t.keep), bool(t.async_ckpt)),
+            lambda mgr, s: ckpt.restore(mgr, s, self.abstract_state, self.loader),
+        )  # fmt: skip
+        self._truncate_jsonl(step or 0)
+        if step is None:
+            logging.info("%s: starting afresh (no checkpoint in %s)", self.stage, directory)
             return self.initial_state()
-        logging.info("%s: restoring step %d from %s", self.stage, latest, self.dir)
-        return ckpt.restore(self.mgr, latest, self.abstract_state, self.loader)
+        logging.info("%s: resuming from step %d (%s)", self.stage, step, directory)
+        return state
 
     # --- evaluation and samples ---
 
@@ -342,10 +233,9 @@ class Trainer:
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
         """Held-out E-LatentLPIPS (fixed augmentation draw), distillation loss and MSE, for G and its EMA."""
-        if self._eval_fn is None:
+        if self._eval is None:
             from d2g_jax.losses.elatentlpips import e_latent_lpips
 
-            self._eval_batches_cache = self._eval_batches()
             lc = self.config.loss
             latent_vars = self.frozen["loss"] if lc.kind in LOSS_KINDS and LOSS_KINDS[lc.kind] else None
 
@@ -363,106 +253,73 @@ class Trainer:
                 return out
 
             rep = shd.replicated(self.mesh)
-            self._eval_fn = jax.jit(ev, in_shardings=(self.param_sh, self.frozen_sh, self.batch_sh, rep),
-                                    out_shardings=rep)  # fmt: skip
-        batches = self._eval_batches_cache
+            fn = jax.jit(ev, in_shardings=(self.param_sh, self.frozen_sh, self.batch_sh, rep), out_shardings=rep)
+            self._eval = (fn, self._eval_batches())
+        fn, batches = self._eval
         if not batches:
             return {}
         out: dict[str, float] = {}
-        key = put_global(np.asarray(jax.random.PRNGKey(12345), np.uint32), shd.replicated(self.mesh))
+        key = shd.put_global(np.asarray(jax.random.PRNGKey(12345), np.uint32), shd.replicated(self.mesh))
         for name, params in (("", state.params), ("ema_", state.ema)):
             acc: dict[str, float] = {}
             for b in batches:
-                for k, v in jax.device_get(self._eval_fn(params, self.frozen, b, key)).items():
+                for k, v in jax.device_get(fn(params, self.frozen, b, key)).items():
                     acc[k] = acc.get(k, 0.0) + float(v) / len(batches)
             out.update({f"eval/{name}{k}": v for k, v in acc.items()})
         self._jsonl({"step": int(jax.device_get(state.step)), **out})
         return out
 
-    def _vae_decoder(self) -> tuple[Any, Any]:
-        """The teacher's VAE decoder `(module, replicated variables)`, loaded once for sample grids and evaluation."""
-        if getattr(self, "_decoder", None) is None:
+    def vae_decoder(self) -> tuple[Any, Any]:
+        """The teacher's VAE decoder `(module, replicated variables)`, loaded once (sample grids, evaluation)."""
+        if self._decoder is None:
             from d2g_jax.models.vae import load_vae
 
             mod, variables = load_vae(self.teacher_folder, parts=("decoder",))
-            rep = shd.replicated(self.mesh)
-            self._decoder = (mod, put_global(variables, jax.tree.map(lambda _: rep, variables)))
+            self._decoder = (mod, shd.replicate(variables, self.mesh))
         return self._decoder
 
     def sample_grid(self, state: TrainState, step: int) -> str | None:
-        """Teacher (50-step ODE, from the pairs) vs student (one step, EMA) on fixed held-out noises/prompts."""
+        """Teacher (its ODE, from the pairs) over student (one step, EMA) on fixed held-out noises/prompts."""
         n = min(int(self.t.num_samples), self.holdout)
         if n == 0:
             return None
-        if self._vae is None:
-            mod, vae_vars = self._vae_decoder()
-            rep = shd.replicated(self.mesh)
+        if self._grid is None:
+            mod, vae_vars = self.vae_decoder()
             pairs = self.holdout_pairs(n)
             ids, masks = self._tokens(pairs["prompt"])
-            host = {"noise": pairs["noise"], "latent": pairs["latent"], "ids": ids, "masks": masks}
-            inputs = put_global(host, jax.tree.map(lambda _: rep, host))
+            inputs = shd.replicate({"noise": pairs["noise"], "latent": pairs["latent"], "ids": ids, "masks": masks},
+                                   self.mesh)  # fmt: skip
 
-            def student_and_teacher(params, frozen, vae_vars, b):
+            def teacher_and_student(params, frozen, vae_vars, b):
                 cond = self.text.embed(frozen["text"], b["ids"], b["masks"])
                 x0 = self.gen(params, b["noise"], cond)
                 dec = lambda z: mod.apply(vae_vars, z, method="decode_latents")
                 return dec(b["latent"]), dec(x0)
 
-            self._vae = (jax.jit(student_and_teacher, out_shardings=rep), vae_vars, inputs)
-        fn, vae_vars, inputs = self._vae
-        teacher_img, student_img = jax.device_get(fn(state.ema, self.frozen, vae_vars, inputs))
-        grid = image_grid([np.asarray(teacher_img, np.float32), np.asarray(student_img, np.float32)])
+            self._grid = (jax.jit(teacher_and_student, out_shardings=shd.replicated(self.mesh)), inputs)
+        fn, inputs = self._grid
+        teacher_img, student_img = jax.device_get(fn(state.ema, self.frozen, self.vae_decoder()[1], inputs))
+        grid = files.image_grid([files.to_uint8(teacher_img), files.to_uint8(student_img)], columns=n)
         path = None
         if jax.process_index() == 0:
             os.makedirs(os.path.join(self.dir, "samples"), exist_ok=True)
-            path = os.path.join(self.dir, "samples", f"step_{step:08d}.png")
-            write_png(path, grid)
+            path = files.write_png(os.path.join(self.dir, "samples", f"step_{step:08d}.png"), grid)
         self.writer.write_images(step, {"samples/teacher_top_student_bottom": grid[None]})
         return path
 
-    def paper_eval(self, state: TrainState, step: int) -> dict[str, Any]:
-        """The paper's metrics (`config.eval`: FID, P&R, CLIP score, DreamSim, DreamDiv) of the EMA generator on
-        `eval.subset` images, every `eval.every` steps: clu scalars `paper_eval/*` and
-        `<workdir>/eval/<stage>_step_<N>_subset<n>.json` (see d2g_jax/eval/evaluate.py)."""
-        from d2g_jax.eval.evaluate import Evaluator, write_results
-        from d2g_jax.generate import OneStepSampler
-
-        if getattr(self, "_paper_eval", None) is None:
-            e = self.config.eval
-            evaluator = Evaluator(self.config, self.workdir, int(e.subset))
-            n_dev = self.mesh.size
-            batch = -(-(int(e.batch_size) or n_dev) // n_dev) * n_dev
-            teacher = None
-            if evaluator.needs_teacher:  # DreamSim / teacher_dist; the teacher's U-Net = G's initial weights
-                teacher = put_global(self.init_params, self.param_sh)
-            shape = tuple(np.shape(self.source[0]["noise"]))
-            sampler = OneStepSampler(self.gen, None, self.text, self._vae_decoder(), self.mesh, shape, batch,
-                                     self.gen.schedule, teacher)  # fmt: skip
-            self._paper_eval = (evaluator, sampler)
-        evaluator, sampler = self._paper_eval
-        sampler.params = state.ema
-        p = self.config.pairs
-        results = evaluator.run(sampler, teacher_ode=(float(p.guidance_scale), int(p.num_steps)))
-        scalars = {f"paper_eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
-        self.writer.write_scalars(step, scalars)
-        write_results(self.workdir, f"{self.stage}_step_{step:08d}_subset{evaluator.num}", step, results,
-                      {"generator": f"{self.stage} EMA at step {step}", "subset": True})  # fmt: skip
-        logging.info("%s step %d: paper metrics on %d images: %s", self.stage, step, evaluator.num, results)
-        return results
-
     # --- the loop ---
 
-    def run(self) -> TrainState:
-        from clu import metric_writers, periodic_actions
-
-        from d2g_jax.train import checkpoint as ckpt
+    def run(self, jobs: Sequence[PeriodicJob] = ()) -> TrainState:
+        """Trains from the latest checkpoint to `num_steps` (or `stop_after`, or a preemption signal)."""
+        from clu import metric_writers
 
         t = self.t
         num_steps = int(t.num_steps)
         os.makedirs(self.dir, exist_ok=True)
-        self.writer = metric_writers.create_default_writer(
-            os.path.join(self.dir, "tb"), just_logging=jax.process_index() > 0, asynchronous=False
-        )
+        if self.writer is None:
+            self.writer = metric_writers.create_default_writer(
+                os.path.join(self.dir, "tb"), just_logging=jax.process_index() > 0, asynchronous=False
+            )
         state = self.restore_or_init()
         self._install_sigterm()
         start = int(jax.device_get(state.step))
@@ -475,22 +332,21 @@ class Trainer:
                 self.writer.write_scalars(0, self.evaluate(state))
             if int(t.sample_every) > 0:
                 self.sample_grid(state, 0)
-        report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=self.writer,
-                                                 every_secs=float(self.config.log_every_s))  # fmt: skip
+        progress = console.Progress(self.stage, num_steps, start, every_s=float(self.config.log_every_s))
         last_ckpt = start
         pending = None  # (step, metrics) whose `finite` flag has not been read yet
         t_log, steps_since = time.perf_counter(), 0
-        logged: list[dict[str, Any]] = []
+        shown: dict[str, float] = {}
         step = start
         while step < num_steps:
             batch = self.global_batch(next(self.loader))
             state, metrics = self.step_fn(state, self.frozen, batch)
             step += 1
+            self._check_saves(step, last_ckpt)
             steps_since += 1
             if pending is not None:
                 self._check_finite(*pending, last_ckpt)
             pending = (step, metrics)
-            report(step)
             if step % int(t.log_every) == 0 or step == num_steps:
                 m = jax.device_get(metrics)
                 self._check_finite(step, m, last_ckpt)
@@ -499,8 +355,9 @@ class Trainer:
                 scalars.update({"step_time_s": dt, "img_per_s": t.batch_size / dt})
                 self.writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                 self._jsonl({"step": step, **{k: float(v) for k, v in m.items() if k != "finite"}})
-                logged.append({"step": step, **scalars})
+                shown = scalars
                 t_log, steps_since = time.perf_counter(), 0
+            progress(step, shown, self.headline + ("img_per_s",))
             stop = int(t.stop_after) > 0 and step - start >= int(t.stop_after)
             if self._preempted(step):
                 logging.warning("%s: preemption signal: checkpointing step %d and exiting.", self.stage, step)
@@ -509,28 +366,51 @@ class Trainer:
                 self.writer.write_scalars(step, self.evaluate(state))
             if _due(step, t.sample_every, num_steps):
                 self.sample_grid(state, step)
-            if _due(step, int(self.config.eval.every), num_steps):
-                self.paper_eval(state, step)
+            for job in jobs:
+                if _due(step, job.every, num_steps):
+                    out = job.fn(self, state, step) or {}
+                    scalars = {f"{job.name}/{k}": float(v) for k, v in out.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+                    if scalars:
+                        self.writer.write_scalars(step, scalars)
             if _due(step, t.ckpt_every, num_steps) or stop:
                 self._check_finite(*pending, last_ckpt)
                 pending = None
-                ckpt.save(self.mgr, step, state, self.loader)
+                try:
+                    ckpt.save(self.mgr, step, state, self.loader)
+                except Exception as e:  # noqa: BLE001 - any save failure (full disk, permissions) stops the run here
+                    raise self._save_error(step, last_ckpt, e) from e
                 last_ckpt = step
             if stop:
                 logging.warning("%s: stopping after %d steps of this process (config.train.stop_after) at step %d; "
                                 "rerun the same command to resume.", self.stage, int(t.stop_after), step)  # fmt: skip
                 break
-        self.mgr.wait_until_finished()
+        try:
+            self.mgr.wait_until_finished()
+            ckpt.check_saves(self.mgr)
+        except Exception as e:  # noqa: BLE001 - the last save failed in the background
+            raise self._save_error(last_ckpt, None, e) from e
         self.writer.flush()
-        self.logged = logged
         return state
+
+    def _check_saves(self, step: int, last_ckpt: int) -> None:
+        try:
+            ckpt.check_saves(self.mgr)
+        except Exception as e:  # noqa: BLE001 - an asynchronous save failed: stop at this step
+            raise self._save_error(last_ckpt, None, e, at=step) from e
+
+    def _save_error(self, step: int, last_good: int | None, e: BaseException, at: int | None = None):
+        where = os.path.join(self.dir, "checkpoints")
+        stop = f"training stopped at step {at if at is not None else step}"
+        prev = "" if last_good is None else f" (the last complete checkpoint is step {last_good})"
+        return ckpt.CheckpointError(f"{self.stage}: saving checkpoint step {step} in {where} failed; {stop}{prev}. "
+                                    f"Cause: {type(e).__name__}: {e}")  # fmt: skip
 
     def _install_sigterm(self) -> None:
         """SIGTERM (SLURM requeue/timeout, k8s eviction) → checkpoint at the next step, then exit."""
         import signal
         import threading
 
-        self._sigterm = False
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
 
             def handler(signum, frame):
@@ -543,26 +423,41 @@ class Trainer:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        return bool(getattr(self, "_sigterm", False))
+        return self._sigterm
 
     def _jsonl(self, record: Mapping[str, Any]) -> None:
         """Appends one line to `<stage>/metrics.jsonl` (process 0): the exact per-step training metrics."""
         if jax.process_index() == 0:
-            import json
-
+            os.makedirs(self.dir, exist_ok=True)
             with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _truncate_jsonl(self, step: int) -> None:
+        """Drops `metrics.jsonl` rows past `step` (process 0): a resumed run replays them, so each step appears once."""
+        path = os.path.join(self.dir, "metrics.jsonl")
+        if jax.process_index() != 0 or not os.path.isfile(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        keep = [ln for ln in lines if ln.strip() and int(json.loads(ln).get("step", 0)) <= step]
+        if len(keep) != len(lines):
+            files.atomic_write_text(path, "".join(keep))
 
     def _check_finite(self, step: int, metrics: Mapping[str, Any], last_ckpt: int) -> None:
         if bool(jax.device_get(metrics["finite"])):
             return
         self.mgr.wait_until_finished()
         loss, gn = float(jax.device_get(metrics["loss"])), float(jax.device_get(metrics["grad_norm"]))
+        section = "stage2" if self.stage == "stage2" else "train"
+        lr = float(self.t.lr)
+        fix = f"--config.{section}.lr={lr / 10:g} --config.resume_changes={section}.lr"
+        clip = "--config.train.grad_clip=1.0 --config.resume_changes=train.grad_clip"
         raise NonFiniteError(
             f"{self.stage}: non-finite loss/gradients at step {step} (loss={loss}, grad_norm={gn}); the update was "
             f"not applied and training stopped. The last good checkpoint is step {last_ckpt} in "
-            f"{os.path.join(self.dir, 'checkpoints')} (left untouched). Lower config.train.lr, enable "
-            "config.train.grad_clip, or check the pairs."
+            f"{os.path.join(self.dir, 'checkpoints')} (left untouched). To continue from it with a lower learning "
+            f"rate, rerun the same command with {fix}\n  {console.command(fix)}\nor with gradient clipping: "
+            f"{clip}. Otherwise check the pairs."
         )
 
 

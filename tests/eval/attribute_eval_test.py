@@ -26,6 +26,7 @@ from PIL import Image
 from d2g_jax import pipeline
 from d2g_jax.eval import attributes as A
 from d2g_jax.eval import metrics as M
+from d2g_jax.workdir import teacher_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = ["a red square on black", "a green ring on black", "a blue bar on black", "a red ring on black",
@@ -71,7 +72,7 @@ def setup(tmp_path_factory):
     wd = str(tmp / "wd")
     c = _config()
     c.mode = "eval"
-    teacher = pipeline.teacher_path(c, wd)  # writes the tiny teacher (32×32 images)
+    teacher = teacher_path(c, wd)  # writes the tiny teacher (32×32 images)
     real = str(tmp / "real")
     write_folder(real, 24, seed=11)
     with open(tmp / "prompts.txt", "w") as f:
@@ -184,8 +185,8 @@ def test_image_folder_scored_as_generated(setup, x0_run):
     # the cached reference statistics of x0_run were reused (one file per extractor identity)
     assert len(os.listdir(os.path.join(wd, "eval", "reference"))) == 1
     c.eval.metrics = "prompt_acc,teacher_dist"
-    with pytest.raises(ValueError, match="teacher_dist: images without a generator"):
-        pipeline.run(c, wd)
+    with pytest.raises(ValueError, match=r"config.eval.images scores fixed images: drop \['teacher_dist'\]"):
+        pipeline.run(c, wd)  # refused by validate() before anything runs
 
 
 def test_sample_mode_records_attributes(setup, fake_sampler):

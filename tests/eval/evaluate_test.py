@@ -21,6 +21,7 @@ from PIL import Image
 
 from d2g_jax import pipeline
 from d2g_jax.eval.reference import ReferenceStatsError, cache_path
+from d2g_jax.workdir import teacher_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAPTIONS = ["a cat on a sofa", "a red car", "a bowl of fruit", "a rocket launch", "a man in a suit",
@@ -63,7 +64,7 @@ def run(tmp_path_factory):
     wd = str(tmp / "wd")
     c = _config()
     c.mode = "eval"
-    teacher = pipeline.teacher_path(c, wd)  # writes the tiny teacher
+    teacher = teacher_path(c, wd)  # writes the tiny teacher
     e = c.eval
     e.unet = _export(teacher, str(tmp / "export"), seed=3)
     e.prompts = _coco_json(str(tmp / "captions_val.json"))

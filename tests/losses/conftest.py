@@ -7,14 +7,13 @@ chdir there and build it. Its `pnet_rand=True` path builds a 3-channel VGG (a bu
 
 Speed: torchvision's VGG16 constructors spend ~9 s (2 cores) randomly initialising the 120M-parameter ImageNet
 classifier. Every tensor of the oracles is overwritten by the strict checkpoint loads (or, for LPIPS' trunk,
-by `load_state_dict` below), so `_skip_torch_init` turns `torch.nn.init` into no-ops while they are built. The
-trunk file's classifier tensors are zero tensors expanded to the real shapes (stride 0: a 4-byte storage each),
-which `torch.save`/`torch.load` round-trip as tensors of the real shapes.
+by `load_state_dict` below), so `skip_torch_init` (tests/torch_oracles.py) turns `torch.nn.init` into no-ops while
+they are built. The trunk file's classifier tensors are zero tensors expanded to the real shapes (stride 0: a
+4-byte storage each), which `torch.save`/`torch.load` round-trip as tensors of the real shapes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_oracles import cwd, skip_torch_init
 
 from d2g_jax.losses import augment
 from d2g_jax.losses.latent_vgg import vgg_layers
@@ -29,29 +29,6 @@ from d2g_jax.losses.latent_vgg import vgg_layers
 SLICES = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 44))  # elatentlpips' CalibratedLatentVGG16BN slices
 CLASSIFIER = {"0.weight": (4096, 25088), "0.bias": (4096,), "3.weight": (4096, 4096), "3.bias": (4096,),
               "6.weight": (1000, 4096), "6.bias": (1000,)}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _skip_torch_init():
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, lambda t, *a, **k: t)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
-
-
-@contextlib.contextmanager
-def _cwd(path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def random_vgg_features(g: torch.Generator, in_channels: int, batch_norm: bool) -> dict[str, torch.Tensor]:
@@ -109,7 +86,7 @@ def official(tmp_path_factory):
             channels = 16 if encoder in ("sd3", "flux") else 4
             root = tmp_path_factory.mktemp(f"official_{encoder}")
             write_official_checkpoints(str(root / "ckpt"), encoder, channels, seed=len(cache) + 1)
-            with _cwd(root), _skip_torch_init():
+            with cwd(root), skip_torch_init():
                 model = elatentlpips.ELatentLPIPS(pretrained=True, encoder=encoder, augment="bgco", verbose=False)
             cache[encoder] = (model.eval(), str(root / "ckpt"))
         return cache[encoder]
@@ -122,7 +99,7 @@ def official_pixel(tmp_path_factory):
     """`(lpips.LPIPS(net='vgg') with its bundled v0.1 heads and a random trunk, vgg16_path, lin_path)`."""
     import lpips
 
-    with _skip_torch_init():
+    with skip_torch_init():
         model = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
     feats = random_vgg_features(torch.Generator().manual_seed(7), 3, False)
     slices = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # lpips.pretrained_networks.vgg16

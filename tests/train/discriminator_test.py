@@ -46,11 +46,11 @@ from d2g_jax.train.discriminator import (
     r1_penalty,
     r1_score,
 )
+from d2g_jax.train.distill import load_distill_loss
 from d2g_jax.train.generator import Generator
 from d2g_jax.train.optim import optimizer_from_config
 from d2g_jax.train.stage2 import make_stage2_step, stage2_train_config
 from d2g_jax.train.state import TrainState
-from d2g_jax.train.trainer import load_distill_loss
 
 FLAGS = list(itertools.product([False, True], repeat=3))  # (z_cond, multiscale_in, multiscale_out)
 # The tiny U-Net without the down/up-block transformers (see the module docstring).

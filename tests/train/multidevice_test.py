@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from d2g_jax import pipeline
+from d2g_jax.workdir import pairs_dir, teacher_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 400
@@ -99,7 +100,7 @@ def teacher_and_pairs(tmp_path_factory):
     c.pairs.num_steps = 2  # teacher ODE steps: any target will do here, and fewer is faster
     manifest = pipeline.run_pairs(c, root)
     assert manifest["complete"] and manifest["num_pairs"] == 32
-    return pipeline.teacher_path(c, root), pipeline.pairs_dir(c, root)
+    return teacher_path(c, root), pairs_dir(c, root)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ for mesh in sys.argv[5:]:
     data, fsdp = (int(v) for v in mesh.split("x"))
     c = mod.get_config()
     c.teacher.tiny, c.teacher.path, c.pairs.dir = False, teacher, pairs
+    c.pairs.num_steps = 2  # as the shared pairs were made
     c.train.eval_every = c.train.sample_every = 0
     c.mesh.data, c.mesh.fsdp = data, fsdp
     for k, v in json.loads(os.environ["ONE_STEP_OVERRIDES"]).items():
@@ -264,7 +266,8 @@ def test_two_process_run_completes_steps(teacher_and_pairs, tmp_path):
     # whose sharded equivalence is tested above.
     args = [f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", f"--workdir={workdir}", "--config.mode=train",
             "--config.teacher.tiny=False", f"--config.teacher.path={teacher}", f"--config.pairs.dir={pairs}",
-            "--config.train.num_steps=2", "--config.train.ckpt_every=2", "--config.train.log_every=1",
+            "--config.pairs.num_steps=2", "--config.train.num_steps=2", "--config.train.ckpt_every=2",
+            "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.mesh.data=1",
             "--config.mesh.fsdp=4", "--config.loss.kind=mse", "--config.stage2.num_steps=0",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
@@ -302,6 +305,7 @@ def test_stage2_discriminator_is_fsdp_sharded(teacher_and_pairs, tmp_path):
     assert jax.device_count() == 8
     c = _load_tiny()
     c.teacher.tiny, c.teacher.path, c.pairs.dir = False, teacher, pairs
+    c.pairs.num_steps = 2  # as the shared pairs were made
     c.mesh.data, c.mesh.fsdp = 1, 8
     tr = Stage2Trainer(c, str(tmp_path / "run"), teacher, pairs)
     flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

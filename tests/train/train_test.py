@@ -20,6 +20,7 @@ from configs import tiny
 from d2g_jax import pipeline
 from d2g_jax.data.pairs_writer import PairsError
 from d2g_jax.train.checkpoint import RunMismatchError
+from d2g_jax.workdir import TINY_PROMPTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,7 +42,7 @@ def data(tmp_path_factory):
     """One tiny teacher and one pair set shared by the tests (each run still has its own workdir)."""
     base = str(tmp_path_factory.mktemp("stage1"))
     with open(os.path.join(base, "prompts.txt"), "w") as f:
-        f.write("\n".join(pipeline.TINY_PROMPTS) + "\n")
+        f.write("\n".join(TINY_PROMPTS) + "\n")
     c = tiny.get_config()
     c.pairs.num_pairs = 48
     c.pairs.prompts = os.path.join(base, "prompts.txt")
@@ -158,7 +159,11 @@ def test_exact_resume_in_a_new_process(data, tmp_path):
     # loss.kind=mse: resuming does not depend on the loss (E-LatentLPIPS' per-step augmentation draws come from the
     # same folded step key as stage 2's noise augmentation, which is on here), and it halves the compile time.
     mse_aug = ("--config.loss.kind=mse", "--config.disc.noise_aug=True")
-    _main(straight, teacher, pairs, *mse_aug)
+    r = _main(straight, teacher, pairs, *mse_aug)
+    console = (r.stdout + r.stderr).splitlines()  # default verbosity: d2g_jax's own lines, a progress line per stage
+    assert len(console) <= 60, "\n".join(console)
+    assert any("stage1 4/4 (100%)" in ln for ln in console) and any("stage2 4/4 (100%)" in ln for ln in console)
+    assert any("done: mode=train" in ln for ln in console) and not any("orbax" in ln.lower() for ln in console)
     _main(resumed, teacher, pairs, *mse_aug, "--config.train.stop_after=2")  # "killed" after stage-1 step 2
     assert sorted(os.listdir(os.path.join(resumed, "stage1", "checkpoints"))) == ["2"]
     assert not os.path.exists(os.path.join(resumed, "stage2"))  # a stage stopped early ends the job there
