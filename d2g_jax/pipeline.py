@@ -29,7 +29,7 @@ from d2g_jax.eval.evaluate import Evaluator, ImageFolder, eval_extra, parse_metr
 from d2g_jax.export import export_generator
 from d2g_jax.generate import OneStepSampler, check_out_dir, sample_prompts, write_samples
 from d2g_jax.sampling import Teacher
-from d2g_jax.train.stage2 import Stage2Trainer
+from d2g_jax.train.stage2_trainer import Stage2Trainer
 from d2g_jax.train.trainer import PeriodicJob, Trainer
 from d2g_jax.validate import validate
 

@@ -112,6 +112,26 @@ def test_only_main_imports_the_pipeline_and_nothing_imports_main_or_the_world(gr
             assert not any(d.startswith("d2g_jax.world") for d in deps), f"{m} imports the MNIST world"
 
 
+def closure(graph, m):
+    seen, todo = set(), [m]
+    while todo:
+        for d in graph[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+@pytest.mark.parametrize("step_module", ["d2g_jax.train.steps", "d2g_jax.train.stage2"])
+def test_pure_steps_need_no_data_loop_or_checkpoint(graph, step_module):
+    """The jitted steps are what `bench/` (and a GPU machine without grain/clu) imports: they must not reach the
+    data readers, the trainer loop or Orbax checkpointing, even transitively."""
+    reached = closure(graph, step_module)
+    banned = {d for d in reached if d.startswith("d2g_jax.data")}
+    banned |= reached & {"d2g_jax.train.trainer", "d2g_jax.train.stage2_trainer", "d2g_jax.train.checkpoint"}
+    assert not banned, f"{step_module} reaches {sorted(banned)}"
+
+
 def test_the_checker_sees_function_level_imports(tmp_path):
     """A planted `from d2g_jax import pipeline` inside a function of a lower module is found."""
     f = tmp_path / "m.py"

@@ -260,7 +260,8 @@ def attention_core(
     impl: 'xla' → `jax.nn.dot_product_attention` with XLA's implementation; 'cudnn' → its cuDNN flash-attention
     kernel (GPU, bf16/fp16 only); 'blocked' → `_blocked_attention`. None picks 'blocked' on CPU for large score
     tensors (≥ 2²⁰ elements per head; smaller ones gain nothing from blocking), 'cudnn' on GPU for half-precision
-    inputs when cuDNN accepts the shapes (it refuses at trace time otherwise), and 'xla' elsewhere.
+    inputs with even sequence lengths when cuDNN accepts the shapes (it refuses at trace time otherwise), and
+    'xla' elsewhere.
     """
     b, tq, d = q.shape
     dtype = q.dtype
@@ -273,7 +274,10 @@ def attention_core(
         backend = jax.default_backend()
         if backend == "cpu" and tq * k.shape[1] >= 2**20:
             impl = "blocked"
-        elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and tq % 2 == 0 and k.shape[1] % 2 == 0:
+            # cuDNN's training kernels refuse odd sequence lengths (SD's 77-token cross-attention), and under
+            # remat that refusal comes when the backward is traced, after this try: so odd lengths go to XLA
+            # up front (measured on an H200, jax 0.11.2: "Unsupported sequence length Q 4096, KV 77").
             try:
                 o = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="cudnn")
                 return o.reshape(b, tq, -1).astype(dtype)

@@ -299,7 +299,7 @@ def test_two_process_run_completes_steps(teacher_and_pairs, tmp_path):
 def test_stage2_discriminator_is_fsdp_sharded(teacher_and_pairs, tmp_path):
     import jax
 
-    from d2g_jax.train.stage2 import Stage2Trainer
+    from d2g_jax.train.stage2_trainer import Stage2Trainer
 
     teacher, pairs = teacher_and_pairs
     assert jax.device_count() == 8

@@ -181,7 +181,7 @@ def test_exact_resume_in_a_new_process(data, tmp_path):
     assert all(np.isfinite(r["d_loss"]) and r["d_grad_norm"] > 0 for r in s2)
     # The stage switch: stage 2 starts from stage 1's last G and EMA, with D = the teacher U-Net (+ zero-init inputs).
     from d2g_jax.models.unet import load_unet
-    from d2g_jax.train.stage2 import Stage2Trainer
+    from d2g_jax.train.stage2_trainer import Stage2Trainer
 
     c = _config(teacher, pairs, num_steps=4)
     c.stage2.num_steps, c.disc.r1_interval, c.loss.kind, c.disc.noise_aug = 4, 2, "mse", True  # the runs' identity
