@@ -42,6 +42,19 @@ SD15_SCHEDULER = {
     "timestep_spacing": "leading",
 }
 
+# SD1.5's `model_index.json` without the safety checker / feature extractor (written by every pipeline folder we make).
+SD15_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -185,18 +198,7 @@ def write_tiny_pipeline(
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SD15_SCHEDULER, f, indent=2)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+        json.dump(SD15_MODEL_INDEX, f, indent=2)
     jax.clear_caches()
     return folder

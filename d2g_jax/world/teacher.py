@@ -39,7 +39,7 @@ import numpy as np
 
 from d2g_jax.models.clip_text import load_clip_text
 from d2g_jax.models.text import TextEncoder
-from d2g_jax.models.tiny import SD15_SCHEDULER
+from d2g_jax.models.tiny import SD15_MODEL_INDEX, SD15_SCHEDULER
 from d2g_jax.models.unet import UNet2DConditionModel, abstract_variables, save_unet
 from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.models.vae import VAEConfig, load_vae
@@ -64,17 +64,6 @@ WORLD_UNET = UNetConfig(
 )
 COND_DROPOUT = 0.1
 EMPTY_PROMPT = ""
-PIPELINE_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 # Files each pipeline part must hold (the writer refuses a part without them, naming the folder).
 _PART_FILES = {
     "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
@@ -298,7 +287,7 @@ def write_pipeline(folder: str, vae_dir: str, text_dir: str, tokenizer_dir: str,
         with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(SD15_SCHEDULER, f, indent=2)
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(PIPELINE_INDEX, f, indent=2)
+            json.dump(SD15_MODEL_INDEX, f, indent=2)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
