@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pairs.batch_size = 64  # global batch of the jitted DDIM scan (split over all devices)
     c.pairs.shard_size = 4096  # pairs per ArrayRecord shard
     c.pairs.dir = ""  # "" = <workdir>/pairs
+    # Noise seed of the pairs; -1 = config.seed. Set it to share one pair set between training runs of other seeds
+    # (the fidelity study's rows: --config.seed=k --config.pairs.seed=0 --config.pairs.dir=<shared>).
+    c.pairs.seed = -1
     # How a rerun checks the shards already on disk: "ends" (record count + first/last record; fast) or "full"
     # (every record decoded and checksummed; a damaged shard is named, with the fix: delete it and rerun).
     c.pairs.verify = "ends"
@@ -45,6 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.lr_end = 1e-5
     c.train.lr_schedule = "cosine"  # shape of the 1e-4 → 1e-5 decay over num_steps (paper: unspecified)
     c.train.warmup_steps = 0
+    # How Table A1's "1e-4 → 1e-5" reads (the paper does not say; FIDELITY.md measures both):
+    #   "per_stage": a decay from lr to lr_end within each stage (stage 1: train.lr → train.lr_end; stage 2 restarts
+    #                at stage2.lr → stage2.lr_end), shape train.lr_schedule;
+    #   "stage_switch": the arrow is a stage switch like the batch-size arrows of the same table: stage 1 runs at
+    #                train.lr constant, stage 2 at stage2.lr_end constant (D keeps its own disc.* schedule: it only
+    #                exists in stage 2, so a stage switch says nothing about it).
+    c.train.lr_reading = "per_stage"
     c.train.b1 = 0.9  # Table A1: G β1
     c.train.b2 = 0.999  # Table A1: G β2
     c.train.adam_eps = 1e-8
@@ -75,7 +85,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.stage2.gan_weight = 0.25  # Table A1: L_GAN strength λ_GAN (SD 0.25, SDXL 1.0)
     c.stage2.lr = 1e-4  # Table A1: G learning rate 1e-4 → 1e-5 (the schedule restarts over the stage-2 steps)
     c.stage2.lr_end = 1e-5
-    c.stage2.ema_start = 0  # the EMA carries on from stage 1's (already past its 4k start)
+    # The stage-2 EMA (paper: unstated). False: stage 1's EMA carries on (β = train.ema_beta from stage-2 step 0), so
+    # after SD's 10k stage-2 steps 0.9999^10k = 37% of the exported EMA is still stage-1 weights. True: it restarts
+    # from the weights stage 2 starts from and follows them exactly until stage2.ema_start, then averages.
+    c.stage2.ema_restart = False
+    c.stage2.ema_start = 0  # with ema_restart: the restarted EMA's start step (must be 0 without a restart)
+    # "simultaneous": G and D updated from one G forward, G's GAN gradient through D before this step's D update
+    # (4 U-Net passes per sample). "alternating": G's update first, then D's on the updated G's output (a second G
+    # forward: 5 passes per sample, Table A1's stage-2 NFE; StyleGAN2/GigaGAN's order).
+    c.stage2.update_order = "simultaneous"
     c.stage2.log_every = 100
     c.stage2.eval_every = 1000  # 0 = never
     c.stage2.sample_every = 1000  # 0 = never
@@ -94,6 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.r1_gamma = 0.01  # Table A1: single-sample R1 strength (SDXL: none → 0); 0 = off
     c.disc.r1_interval = 16  # Table A1: lazy R1 every 16 D steps (γ scaled by the interval)
     c.disc.r1_samples = 1  # R1 on this many real examples of each batch (1 = the paper's single-sample R1)
+    # Whose batch r1_samples counts in: "batch" = the global batch (r1_samples rows in all); "device" = each
+    # data-parallel slice, as the paper's "one sample of each mini-batch" on 16-64 GPUs reads (r1_samples × slices).
+    c.disc.r1_scope = "batch"
+    c.disc.r1_groups = 0  # slices for r1_scope="device"; 0 = the mesh's data-parallel size (set it to emulate a GPU count)
     c.disc.mix_match_fraction = 0.25  # share of D's fake batch replaced by mismatched real latents (paper: unstated)
     c.disc.mix_match_types = "noise,text,both"  # what the replaced rows mismatch, cycled over those rows
     c.disc.noise_aug = False  # Table A1 "noise augment before D" (SDXL: True): x_t = α_t x + σ_t ε, t random
@@ -115,8 +137,13 @@ def get_config() -> ml_collections.ConfigDict:
     # The distillation loss (Table A1 "L_distil").
     c.loss = ml_collections.ConfigDict()
     # e_latent_lpips | e_latent_lpips_star (SD-CFG-3: mean of E-LatentLPIPS and LatentLPIPS) | latent_lpips |
-    # lpips_pixel (VAE decode + LPIPS-VGG, ablation) | mse
+    # lpips_pixel (VAE decode + LPIPS-VGG, ablation) | mse (mean over latent elements) | pseudo_huber
+    # (√(‖x − y‖² + c²) − c per sample, consistency models' loss; Table 1's Pseudo-Huber row)
     c.loss.kind = "e_latent_lpips_star"
+    c.loss.huber_c = 0.0  # pseudo_huber's c; 0 = 0.00054·√d (d = latent elements per sample; Song & Dhariwal 2023)
+    # E-LatentLPIPS* = the augmented and the plain distance combined by "mean" (the default: a distance on
+    # E-LatentLPIPS's scale, so λ_GAN keeps its meaning) or "sum" (doubles the distillation term against λ_GAN).
+    c.loss.star_reduce = "mean"
     c.loss.augment = "bgo"  # Table A1, SD-CFG-3: bg + cutout (SD-CFG-8 / SDXL: bgco)
     c.loss.l1 = True  # the official E-LatentLPIPS adds mean |x − y| of the raw latents
     c.loss.weight = 1.0  # Table A1: L_distil strength
@@ -200,6 +227,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.report.enabled = False
     c.report.real = ""  # captioned real images scored as if generated (the floor row); "" = no floor row
     c.report.grid_images = 16  # prompts of the grid (from config.sample's prompts), each teacher over student
+    # rows of the table, any of real, teacher, teacher_x0, student (the fidelity study's rows: student only)
+    c.report.rows = "real,teacher,teacher_x0,student"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp

@@ -83,6 +83,7 @@ class OneStepSampler:
     schedule: Any = None
     teacher_params: Any = None
     source: str = ""
+    teacher_key: str = ""  # what determines `teacher_images` (teacher fingerprint, compute dtype), for caches
 
     @classmethod
     def load(
@@ -124,8 +125,14 @@ class OneStepSampler:
                              "schedule. Point config.teacher.path at the run's teacher.")  # fmt: skip
         param_sh = shd.param_shardings(abstract_variables(unet)["params"], mesh)
         params = shd.put_global(variables["params"], param_sh)
-        teacher_params = None
+        teacher_params, teacher_key = None, ""
         if with_teacher:
+            import json
+
+            from d2g_jax.sampling import pipeline_fingerprint
+
+            teacher_key = json.dumps({"teacher": pipeline_fingerprint(teacher_folder), "dtype": dtype.name},
+                                     sort_keys=True, default=str)  # fmt: skip
             _, tvars = load_unet(os.path.join(teacher_folder, "unet"), dtype=dtype, param_dtype=jnp.float32)
             teacher_params = shd.put_global(tvars["params"], param_sh)
         vae_mod, vae_vars = load_vae(teacher_folder, parts=("decoder",), dtype=jnp.float32)
@@ -133,7 +140,7 @@ class OneStepSampler:
         text = TextEncoder.from_pipeline(teacher_folder, dtype=dtype)
         side = resolution // vsf
         return cls(gen, params, text, (vae_mod, vae_vars), mesh, (side, side, unet.config.in_channels),
-                   int(batch_size), schedule, teacher_params, os.path.abspath(unet_folder))  # fmt: skip
+                   int(batch_size), schedule, teacher_params, os.path.abspath(unet_folder), teacher_key)  # fmt: skip
 
     # --- jitted pieces ---
 

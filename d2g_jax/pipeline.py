@@ -72,6 +72,11 @@ def resolve_world(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
 # The training phases.
 
 
+def pairs_seed(config: ml_collections.ConfigDict) -> int:
+    """The pairs' noise seed: `pairs.seed`, or `config.seed` when it is -1."""
+    return int(config.seed) if int(config.pairs.seed) < 0 else int(config.pairs.seed)
+
+
 def run_pairs(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Phase 1: the teacher's DDIM ODE on (noise, prompt) → ArrayRecord pair shards (resumable)."""
     path = wd.teacher_path(config, workdir)
@@ -87,7 +92,7 @@ def run_pairs(config: ml_collections.ConfigDict, workdir: str) -> dict:
     side = p.resolution // teacher.vae_scale_factor
     manifest = generate_pairs(
         wd.pairs_dir(config, workdir), teacher, prompts, guidance_scale=p.guidance_scale, num_steps=p.num_steps,
-        latent_size=(side, side), seed=config.seed, num_pairs=p.num_pairs,
+        latent_size=(side, side), seed=pairs_seed(config), num_pairs=p.num_pairs,
         batch_size=p.batch_size // jax.process_count(), shard_size=p.shard_size, log_every_s=config.log_every_s,
         verify=p.verify,
     )  # fmt: skip
@@ -315,13 +320,17 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dic
         logging.info("report: %s", label)
         rows[label] = run_eval(c, workdir)
 
-    if r.real:
+    want = {x.strip() for x in str(r.rows).split(",") if x.strip()}
+    if r.real and "real" in want:
         evaluate("real (train split, as if generated)", images=r.real, images_num=int(e.num_images),
                  metrics=",".join(fixed))  # fmt: skip
     steps, cfg = int(config.pairs.num_steps), float(config.pairs.guidance_scale)
-    evaluate(f"teacher, {steps}-step DDIM, CFG {cfg:g}", teacher=True)
-    evaluate("teacher, 1-step x0 (stage 1's start)", unet=os.path.join(teacher, "unet"))
-    evaluate("student, 1 step (export)")
+    if "teacher" in want:
+        evaluate(f"teacher, {steps}-step DDIM, CFG {cfg:g}", teacher=True)
+    if "teacher_x0" in want:
+        evaluate("teacher, 1-step x0 (stage 1's start)", unet=os.path.join(teacher, "unet"))
+    if "student" in want:
+        evaluate("student, 1 step (export)")
     head = "| row | " + " | ".join(h for _, h, _ in REPORT_COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(REPORT_COLUMNS) + 1)]
     for label, m in rows.items():

@@ -141,10 +141,17 @@ def validate(config: ml_collections.ConfigDict, workdir: str = "") -> tuple[str,
         _eval(r, periodic="periodic_eval" in todo and "eval" not in todo and "report" not in todo)
     if "report" in todo:
         r.int_("report.grid_images", 0)
+        rows = [x.strip() for x in str(r.c.report.rows).split(",") if x.strip()]
+        bad = [x for x in rows if x not in REPORT_ROWS]
+        if not rows or bad:
+            r.fail(f"config.report.rows={r.c.report.rows!r}: a comma-separated subset of {', '.join(REPORT_ROWS)}.")
         if r.c.report.real and not os.path.isdir(r.c.report.real) and not r.pending_world:
             r.fail(f"config.report.real={r.c.report.real}: no such folder (captioned images, e.g. a world's train "
                    "split).")  # fmt: skip
     return todo
+
+
+REPORT_ROWS = ("real", "teacher", "teacher_x0", "student")
 
 
 def _world_resolved(config: ml_collections.ConfigDict) -> bool:
@@ -211,6 +218,7 @@ def _pairs(r: _Rules) -> None:
     r.divisible("pairs.batch_size", jax.device_count(), "the teacher scan is split over every device")
     r.int_("pairs.shard_size", 1)
     r.choice("pairs.verify", ("ends", "full"))
+    r.int_("pairs.seed", -1, what=" (-1 = config.seed)")
     if c.teacher.path:
         f = _vae_downscale(c.teacher.path)
         if f and res % f:
@@ -257,6 +265,9 @@ def _train(r: _Rules) -> None:
                f"{n_dev} devices.")  # fmt: skip
     _optimiser(r, "train", steps)
     r.int_("train.ema_start", 0)
+    from d2g_jax.train.optim import LR_READINGS
+
+    r.choice("train.lr_reading", LR_READINGS)
     r.float_("train.ema_beta", 0, 1)
     r.dtype("train.dtype")
     r.remat("train.remat")
@@ -274,6 +285,8 @@ def _loss(r: _Rules) -> None:
     c = r.c.loss
     kind = r.choice("loss.kind", sorted(LOSS_KINDS))
     r.float_("loss.weight", 0)
+    r.float_("loss.huber_c", 0, what=" (0 = 0.00054·√d)")
+    r.choice("loss.star_reduce", ("mean", "sum"))
     r.dtype("loss.dtype", allow_empty=True)
     if LOSS_KINDS[kind]:  # the latent losses
         try:
@@ -316,11 +329,20 @@ def _stage2(r: _Rules) -> None:
     _optimiser(r, "stage2", steps)
     r.float_("stage2.gan_weight", 0)
     r.int_("stage2.ema_start", 0)
+    if not isinstance(c.stage2.ema_restart, bool):
+        r.fail(f"config.stage2.ema_restart={c.stage2.ema_restart!r} must be True or False.")
+    if int(c.stage2.ema_start) > 0 and not c.stage2.ema_restart:
+        r.fail(f"config.stage2.ema_start={c.stage2.ema_start} needs config.stage2.ema_restart=True: a start step "
+               "after 0 replaces the EMA carried over from stage 1 by G's weights (a restart); set both, or "
+               "ema_start=0 to carry stage 1's EMA on.")  # fmt: skip
+    from d2g_jax.train.stage2 import UPDATES
+
+    r.choice("stage2.update_order", UPDATES)
     _cadence(r, "stage2")
     _optimiser(r, "disc", steps)
     r.remat("disc.remat", allow_empty=True)
     try:
-        check_disc_config(c.disc, _num_train_timesteps(c), batch=batch)
+        check_disc_config(c.disc, _num_train_timesteps(c), batch=batch, data_groups=n_dev)
     except ValueError as e:
         r.fail(str(e))
 

@@ -237,6 +237,9 @@ class Evaluator:
         t0 = time.perf_counter()
         col = _Collector(self, save_dir, save_num, t0)
         n_teacher = max(col.n_ds, col.n_td)
+        cache = self._teacher_cache(sampler, teacher_ode, n_teacher) if n_teacher and not use_teacher else None
+        cached = np.load(cache)["images"] if cache and os.path.isfile(cache) else None
+        made = []
         bs = sampler.batch_size
         gen_s, gen_n = 0.0, 0  # generation time after the first (compiling) batch
         for start in range(0, self.num, bs):
@@ -249,9 +252,24 @@ class Evaluator:
             ref = None
             if start < n_teacher:  # the student vs the teacher on the same noise (itself when evaluating the teacher)
                 k = min(len(p), n_teacher - start)
-                ref = img[:k] if use_teacher else sampler.teacher_images(z[:k], p[:k], *teacher_ode)
+                if use_teacher:
+                    ref = img[:k]
+                elif cached is not None:
+                    ref = cached[start : start + k]
+                else:
+                    ref = sampler.teacher_images(z[:k], p[:k], *teacher_ode)
+                    made.append(ref)
             if self.is_main:
                 col.add(img, start, teacher=ref, seeds=self.seeds[start : start + bs])
+        if cache and cached is None and made and self.is_main:
+            from d2g_jax import files
+
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = cache + ".tmp.npz"
+            np.savez(tmp, images=np.concatenate(made))
+            os.replace(tmp, cache)
+            files.atomic_write_json(cache[: -len(".npz")] + ".json", {"teacher_ode": list(teacher_ode),
+                                                                     "num": n_teacher, "seed": int(self.seeds[0])})
         out: dict[str, Any] = {"num_images": self.num, "generation_s": time.perf_counter() - t0}
         if gen_n:
             out["images_per_s"] = gen_n / gen_s  # after compile: batches 2…n of `generate` (prompts → uint8 images)
@@ -261,6 +279,23 @@ class Evaluator:
             return out
         out.update(col.finish())
         return out
+
+    def _teacher_cache(self, sampler, teacher_ode, n: int) -> str | None:
+        """The file caching the teacher's ODE images of the first `n` (prompt, seed) pairs for teacher_dist /
+        DreamSim (`<eval.stats_dir or workdir/eval/reference>/teacher_images_<key>.npz`): the key hashes the teacher's
+        fingerprint and dtype, the ODE, the latent shape, the prompts and the seeds, so every checkpoint evaluated
+        against one teacher reuses one ODE run. Single-process runs only (hosts need not share a filesystem)."""
+        key = getattr(sampler, "teacher_key", "")
+        if not key or jax.process_count() > 1:
+            return None
+        import hashlib
+        import json
+
+        blob = json.dumps({"teacher": key, "ode": list(teacher_ode), "shape": list(sampler.latent_shape),
+                           "prompts": self.prompts[:n], "seeds": self.seeds[:n]}, sort_keys=True)  # fmt: skip
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
+        folder = self.config.eval.stats_dir or os.path.join(self.workdir, "eval", "reference")
+        return os.path.join(folder, f"teacher_images_{digest}.npz")
 
     def run_images(self, images, *, save_dir: str = "", save_num: int = 0,
                    sources: Sequence[str] | None = None, batch_size: int = 64) -> dict:  # fmt: skip

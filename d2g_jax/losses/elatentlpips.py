@@ -262,6 +262,7 @@ def e_latent_lpips(
     return_layers: bool = False,
     dtype: Any = jnp.float32,
     aug_params: augment.AugmentParams | None = None,
+    star_reduce: str = "mean",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """(E-)LatentLPIPS distance between two batches of latents.
 
@@ -278,6 +279,8 @@ def e_latent_lpips(
       return_layers: also return the per-layer distances [B, 5] (without the L1 term).
       dtype: trunk compute dtype.
       aug_params: an explicit augmentation instead of drawing one from `rng` (analysis, tests).
+      star_reduce: `mode='star'` only: "mean" of the augmented and the plain distance (E-LatentLPIPS*'s scale
+        equals E-LatentLPIPS's) or their "sum" (twice that scale; the L1 term is added once either way).
 
     Returns:
       distance [B] (and per-layer [B, 5] if `return_layers`).
@@ -313,7 +316,10 @@ def e_latent_lpips(
         else:  # one trunk pass over [augmented; plain]
             b = x0.shape[0]
             both = net.apply(variables, jnp.concatenate([a0, x0]), jnp.concatenate([a1, x1]))
-            layers = (both[:b] + both[b:]) / 2
+            if star_reduce not in ("mean", "sum"):
+                raise ValueError(f"star_reduce={star_reduce!r}: choose 'mean' or 'sum'")
+            layers = both[:b] + both[b:]
+            layers = layers / 2 if star_reduce == "mean" else layers
     dist = jnp.sum(layers, axis=-1)
     if l1:
         dist = dist + jnp.mean(jnp.abs(x0 - x1), axis=(1, 2, 3)).astype(dist.dtype)

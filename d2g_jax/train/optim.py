@@ -18,6 +18,7 @@ import optax
 from flax import traverse_util
 
 SCHEDULES = ("cosine", "linear", "constant")
+LR_READINGS = ("per_stage", "stage_switch")
 ATTENTION_KEYS = ("attn1", "attn2")  # diffusers' self-/cross-attention modules inside BasicTransformerBlock
 
 
@@ -40,6 +41,23 @@ def learning_rate_schedule(lr: float, lr_end: float, num_steps: int, kind: str =
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def read_lr(t: ml_collections.ConfigDict, reading: str, stage: str) -> ml_collections.ConfigDict:
+    """`t` (a stage's G fields: config.train, or stage 2's `stage2_train_config`) with Table A1's "1e-4 → 1e-5"
+    read as `reading` (config.train.lr_reading): "per_stage" leaves `t` as it is (lr → lr_end within the stage);
+    "stage_switch" makes the stage constant at its arrow end: stage 1 at `t.lr`, stage 2 at `t.lr_end`."""
+    if reading not in LR_READINGS:
+        raise ValueError(f"config.train.lr_reading={reading!r}: choose one of {LR_READINGS}.")
+    if reading == "per_stage":
+        return t
+    t = t.copy_and_resolve_references()
+    with t.unlocked():
+        if stage == "stage2":
+            t.lr = t.lr_end
+        t.lr_end = t.lr
+        t.lr_schedule = "constant"
+    return t
 
 
 def attention_mask(params: Any) -> Any:

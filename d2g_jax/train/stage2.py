@@ -6,11 +6,14 @@ fine-tune the stage-1 generator with
           [+ (γ/2) · interval · ‖∇ D(c, z, x0)‖² every interval steps]
 
 against the multi-scale conditional diffusion discriminator of `discriminator.py`, where (c', z', x̃) is the
-generated batch after mix-and-match. One D update per G update, both in one jitted step: G's forward is taken
-once; its output (detached) is D's fake batch (real and fake rows go through D in one call); G's GAN gradient uses
-D before this step's D update (simultaneous updates). R1 is lazy: on steps `step % r1_interval == 0` (a
-`lax.cond`, one compile) on the first `r1_samples` real examples (1: the paper's single-sample R1), its gradient
-added to D's with γ scaled by the interval. With noise augmentation (SDXL recipe) real and fake latents of a row
+generated batch after mix-and-match. One D update per G update, both in one jitted step (`stage2.update_order`):
+"simultaneous": G's forward is taken once; its output (detached) is D's fake batch; G's GAN gradient uses D before
+this step's D update. "alternating": G is updated first, then D sees the *updated* G's output (a second G forward,
+Table A1's 5 U-Net passes per sample). Real and fake rows go through D in one call. R1 is lazy: on steps
+`step % r1_interval == 0` (a `lax.cond`, one compile) on `r1_samples` real examples of the batch
+(`disc.r1_scope="batch"`: the first ones; 1 = the paper's single-sample R1) or of each device's slice
+(`"device"`: the first ones of each of `disc.r1_groups` slices), its gradient added to D's with γ scaled by the
+interval. With noise augmentation (SDXL recipe) real and fake latents of a row
 are noised at the same random timestep with the same noise before D; otherwise D sees clean latents at
 `disc.timestep`.
 
@@ -55,11 +58,38 @@ def stage2_train_config(config: ml_collections.ConfigDict) -> ml_collections.Con
     return t
 
 
-def check_disc_config(dc: ml_collections.ConfigDict, num_train_timesteps: int = 1000, batch: int | None = None) -> None:
+UPDATES = ("simultaneous", "alternating")
+R1_SCOPES = ("batch", "device")
+
+
+def r1_rows(batch: int, n_r1: int, scope: str, groups: int) -> np.ndarray:
+    """Rows of the real batch R1 is taken on: the first `n_r1` of the batch (`scope="batch"`), or the first `n_r1`
+    of each of `groups` equal slices (`"device"`: the batch is split over devices in that order)."""
+    if scope not in R1_SCOPES:
+        raise ValueError(f"config.disc.r1_scope={scope!r}: choose one of {R1_SCOPES}.")
+    groups = 1 if scope == "batch" else int(groups)
+    if groups < 1 or batch % groups:
+        raise ValueError(f"config.disc.r1_groups={groups}: the batch of {batch} must split into that many equal "
+                         "slices (0 = one per device).")  # fmt: skip
+    per = batch // groups
+    if n_r1 > per:
+        raise ValueError(f"config.disc.r1_samples={n_r1} exceeds the {per} rows of each of the {groups} "
+                         f"{'batch' if groups == 1 else 'slices'} (config.disc.r1_scope={scope!r}).")  # fmt: skip
+    return (np.arange(groups)[:, None] * per + np.arange(n_r1)[None, :]).reshape(-1)
+
+
+def check_disc_config(dc: ml_collections.ConfigDict, num_train_timesteps: int = 1000, batch: int | None = None,
+                      data_groups: int = 1) -> None:  # fmt: skip
     """The cross-field rules of `config.disc` (run by `d2g_jax.validate` before any phase, and by the step);
-    with `batch`, also the mix-and-match row plan of D's fake batch of that size."""
+    with `batch`, also the mix-and-match row plan of D's fake batch of that size and the R1 rows."""
+    if dc.r1_scope not in R1_SCOPES:
+        raise ValueError(f"config.disc.r1_scope={dc.r1_scope!r}: choose one of {R1_SCOPES}.")
+    if int(dc.r1_groups) < 0:
+        raise ValueError(f"config.disc.r1_groups={dc.r1_groups} must be ≥ 0 (0 = one slice per device).")
     if batch is not None:
         mix_and_match_rows(int(batch), float(dc.mix_match_fraction), mix_match_types(dc))
+        if float(dc.r1_gamma) > 0 and int(dc.r1_samples) >= 1:
+            r1_rows(int(batch), int(dc.r1_samples), dc.r1_scope, int(dc.r1_groups) or data_groups)
     gamma, interval, n_r1 = float(dc.r1_gamma), int(dc.r1_interval), int(dc.r1_samples)
     if gamma < 0:
         raise ValueError(f"config.disc.r1_gamma={dc.r1_gamma} must be ≥ 0 (0 = no R1).")
@@ -79,14 +109,18 @@ def mix_match_types(dc: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, *, distill_weight: float,
-                     gan_weight: float):  # fmt: skip
-    """The pure stage-2 step `(state, frozen, batch) → (state, metrics)` (see the module docstring)."""
+                     gan_weight: float, update: str = "simultaneous", data_groups: int = 1):  # fmt: skip
+    """The pure stage-2 step `(state, frozen, batch) → (state, metrics)` (see the module docstring).
+    `update`: config.stage2.update_order; `data_groups`: the devices the batch is split over (R1 per device)."""
+    if update not in UPDATES:
+        raise ValueError(f"config.stage2.update_order={update!r}: choose one of {UPDATES}.")
     ac = np.asarray(gen.schedule.alphas_cumprod, np.float32)
     check_disc_config(dc, len(ac))
     types = mix_match_types(dc)
     plan = mix_and_match_rows(int(t.batch_size), float(dc.mix_match_fraction), types)
     gamma, interval, n_r1 = float(dc.r1_gamma), int(dc.r1_interval), int(dc.r1_samples)
     t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
+    rows_r1 = r1_rows(int(t.batch_size), n_r1, dc.r1_scope, int(dc.r1_groups) or data_groups) if gamma > 0 else None
 
     def d_apply(dparams, x, z, td, cond):
         b, h, w = x.shape[:3]
@@ -120,7 +154,14 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
             return distill_weight * d + gan_weight * gan, (x0, aux)
 
         (loss, (x0, aux)), grads = jax.value_and_grad(g_objective, has_aux=True)(state.params)
-        xf, zf, cf = mix_and_match(plan, types, jax.lax.stop_gradient(x0), real, z, cond)
+        if update == "alternating":  # D's fakes come from G after this step's update (the guarded update below
+            # applies the same one: the values agree, and a non-finite step is discarded whole)
+            g_updates, _ = tx.update(grads, state.opt_state, state.params)
+            g_next = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, g_updates)
+            fake = gen(g_next, z, cond)
+        else:
+            fake = x0
+        xf, zf, cf = mix_and_match(plan, types, jax.lax.stop_gradient(fake), real, z, cond)
         x_real = augment(real, td, eps)
 
         # Real and fake rows in one D call of 2B rows, interleaved (row 2i real, 2i + 1 fake): each device keeps its
@@ -139,12 +180,16 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
         r1 = jnp.float32(0.0)
         due = jnp.asarray(False)
         if gamma > 0:
-            sub = lambda a: None if a is None else a[:n_r1]
+            idx = rows_r1
+            if np.array_equal(idx, np.arange(len(idx))):
+                sub = lambda a: None if a is None else a[: len(idx)]
+            else:
+                sub = lambda a: None if a is None else jnp.take(a, jnp.asarray(idx), axis=0)
             c1 = {k: sub(v) for k, v in cond.items()}
 
             def r1_objective(dparams):
                 with attention_implementation("xla"):  # second derivatives: no cuDNN flash kernel here
-                    pen = r1_penalty(lambda v: r1_score(d_apply(dparams, v, z[:n_r1], td[:n_r1], c1)), x_real[:n_r1])
+                    pen = r1_penalty(lambda v: r1_score(d_apply(dparams, v, sub(z), sub(td), c1)), sub(x_real))
                 return 0.5 * gamma * interval * pen, pen
 
             due = state.step % interval == 0

@@ -18,7 +18,7 @@ from absl import logging
 
 from d2g_jax import sharding as shd
 from d2g_jax.train.discriminator import Discriminator, abstract_disc_variables, init_disc_params
-from d2g_jax.train.optim import optimizer_from_config
+from d2g_jax.train.optim import optimizer_from_config, read_lr
 from d2g_jax.train.stage2 import make_stage2_step, stage2_train_config
 from d2g_jax.train.state import TrainState, state_shardings
 from d2g_jax.train.trainer import Trainer
@@ -31,7 +31,7 @@ class Stage2Trainer(Trainer):
     headline = ("loss", "distill", "gan_g", "d_loss", "d_real", "d_fake")
 
     def stage_config(self) -> ml_collections.ConfigDict:
-        return stage2_train_config(self.config)
+        return read_lr(stage2_train_config(self.config), self.config.train.lr_reading, "stage2")
 
     def data_seed(self) -> int:
         return int(self.config.seed) + 1  # another order than stage 1's
@@ -63,7 +63,8 @@ class Stage2Trainer(Trainer):
     def build_step(self):
         return make_stage2_step(self.gen, self.disc, self.text, self.loss_fn, self.t, self.config.disc, self.tx,
                                 self.lr_fn, self.dtx, self.dlr_fn, distill_weight=float(self.config.loss.weight),
-                                gan_weight=float(self.config.stage2.gan_weight))  # fmt: skip
+                                gan_weight=float(self.config.stage2.gan_weight), update=self.config.stage2.update_order,
+                                data_groups=int(self.mesh.devices.size))  # fmt: skip
 
     # --- the stage switch ---
 
@@ -118,6 +119,10 @@ class Stage2Trainer(Trainer):
     def initial_state(self) -> TrainState:
         params, ema, s1 = self._restore_stage1()
         logging.info("stage2: G and EMA from stage-1 step %d; D from the teacher U-Net", s1)
+        if self.config.stage2.ema_restart:  # the EMA restarts from the weights stage 2 starts from (its own buffers)
+            ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_sh.ema)(params)
+            logging.info("stage2: EMA restarted from G's weights (config.stage2.ema_restart; start step %d)",
+                         int(self.config.stage2.ema_start))  # fmt: skip
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(params)
         disc = shd.put_global(init_disc_params(self.disc, self.init_params, int(self.config.seed)), self.disc_sh)
         disc_opt = jax.jit(self.dtx.init, out_shardings=self.state_sh.disc_opt)(disc)

@@ -136,8 +136,10 @@ class Trainer:
     # --- hooks (stage 2 overrides these) ---
 
     def stage_config(self) -> ml_collections.ConfigDict:
-        """The G training fields of this stage (stage 1: `config.train`)."""
-        return self.config.train
+        """The G training fields of this stage (stage 1: `config.train`, read by `config.train.lr_reading`)."""
+        from d2g_jax.train.optim import read_lr
+
+        return read_lr(self.config.train, self.config.train.lr_reading, "stage1")
 
     def data_seed(self) -> int:
         """Seed of this stage's data order."""

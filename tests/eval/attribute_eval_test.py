@@ -213,3 +213,44 @@ def test_sample_mode_records_attributes(setup, fake_sampler):
     c.sample.out_dir = str(tmp / "samples64")
     with pytest.raises(ValueError, match=r"reads 32×32 images but the generator makes 64×64"):
         pipeline.run(c, wd)
+
+
+class KeyedFakeSampler(FakeSampler):
+    """FakeSampler with a teacher identity (`teacher_key`, as OneStepSampler.load sets it) and a call counter."""
+
+    calls = 0
+    teacher_key = "fake-teacher-a"
+
+    def teacher_images(self, noise, prompts, guidance_scale, num_steps):
+        KeyedFakeSampler.calls += 1
+        shift = 2 if self.teacher_key.endswith("a") else 5
+        return np.roll(self.images(noise, prompts), shift, axis=2)
+
+
+def test_teacher_images_are_cached_per_teacher(setup, monkeypatch, tmp_path):
+    """teacher_dist's teacher ODE images are computed once per (teacher, ODE, prompts, seeds) and reused from
+    eval.stats_dir by later evaluations: the same metrics, no teacher call; another teacher gets its own file."""
+    from d2g_jax.generate import OneStepSampler
+
+    c, wd, _, _ = setup
+    c = c.copy_and_resolve_references()
+    c.eval.metrics, c.eval.save_images = "teacher_dist", 0
+    c.eval.unet = os.path.join(wd, "tiny_teacher", "unet")
+    c.eval.stats_dir = str(tmp_path / "cache")
+    sampler = KeyedFakeSampler()
+    monkeypatch.setattr(OneStepSampler, "load", staticmethod(lambda *a, **k: sampler))
+    result = lambda: json.load(open(os.path.join(wd, "eval", "unet_tiny_teacher_8.json")))["metrics"]
+
+    KeyedFakeSampler.calls = 0
+    pipeline.run(c, wd)
+    first, calls = result(), KeyedFakeSampler.calls
+    assert calls >= 1 and len([f for f in os.listdir(c.eval.stats_dir) if f.startswith("teacher_images_")]) == 2
+    pipeline.run(c, wd)
+    assert KeyedFakeSampler.calls == calls  # served from the cache
+    assert result()["teacher_dist"] == first["teacher_dist"] and result()["teacher_dist_pixel"] == first["teacher_dist_pixel"]
+
+    sampler.teacher_key = "fake-teacher-b"  # another teacher: recomputed, another distance
+    pipeline.run(c, wd)
+    assert KeyedFakeSampler.calls > calls
+    assert result()["teacher_dist_pixel"] != first["teacher_dist_pixel"]
+    assert len([f for f in os.listdir(c.eval.stats_dir) if f.endswith(".npz")]) == 2

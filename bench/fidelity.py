@@ -1,0 +1,443 @@
+"""The fidelity study on the MNIST world (FIDELITY.md): the paper's Table 1 and Table 2 at small scale, its Fig. 5,
+and the choices the paper leaves open — each row a real `d2g_jax.main` run on one shared pair set.
+
+    python bench/fidelity.py --root /tmp/d2g_fidelity                 # every row not yet done, then the tables
+    python bench/fidelity.py --root /tmp/d2g_fidelity --only t1       # a part (t1, t2, open, fig5), e.g. per session
+    python bench/fidelity.py --root /tmp/d2g_fidelity --tables        # only print/write the tables of finished rows
+    python bench/fidelity.py --list                                   # the rows and their exact commands
+
+Resumable: a row is done when `<root>/rows/<row>/row.json` exists; an interrupted row resumes from its checkpoints
+(a rerun of the same `main` command). Rows run in priority order (the rows a conclusion rests on first), so a
+partial study still has every table's key rows.
+
+Shared by every row: the pairs (`<root>/pairs`: configs/mnist.py's 3,072 teacher ODE pairs, pairs.seed 0), the
+reference statistics and the teacher's images for teacher_dist (`<root>/cache`). A row's seed (`config.seed`)
+changes the training noise (data order, augmentations, mix-and-match, D's z-conv init) — not the pairs.
+
+* Table 1 (stage 1, equal steps and batch): loss.kind ∈ mse, pseudo_huber, latent_lpips, e_latent_lpips,
+  e_latent_lpips_star; seeds 0-2.
+* Table 2 (stage 2 from one stage-1 generator, `--base`): a control that continues stage 1 alone for the same
+  steps (λ_GAN = 0: the same fresh optimiser, schedule, data and EMA; G never sees D), plain diffusion D, + z, + R1,
+  + multi-scale, + mix-and-match (= the default); control and full on seeds 0-2.
+* Open choices (stage 2 from the same base, vs the full row): stage2.ema_restart, train.lr_reading=stage_switch,
+  disc.r1_scope=device (16 slices: one sample per "GPU"), stage2.update_order=alternating, loss.star_reduce=sum.
+* Fig. 5: one random latent optimised toward a held-out digit's latent under MSE, LatentLPIPS and E-LatentLPIPS
+  (in-process; a PNG of the decoded trajectory and the final distances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as `python bench/fidelity.py` from anywhere
+    sys.path.insert(0, REPO)
+STUDENT = "student, 1 step (export)"
+METRICS = (("fd", "FD ↓", "{:.2f}"), ("prompt_acc", "prompt acc ↑", "{:.3f}"),
+           ("fd_precision", "precision", "{:.3f}"), ("fd_recall", "recall", "{:.3f}"),
+           ("teacher_dist", "dist. to teacher ↓", "{:.4f}"), ("train_img_per_s", "train img/s", "{:.0f}"))  # fmt: skip
+
+# Sizes (2 CPU cores; BENCHMARKS.md): stage-1 rows S1 steps, stage-2 rows S2 steps, both at configs/mnist.py's batch 64.
+S1, S2 = 300, 100
+BASE_STEPS = 1000  # the Table-2 generator: configs/mnist.py's stage 1 exactly (1,000 steps of E-LatentLPIPS*)
+
+PLAIN_D = {"disc.z_cond": False, "disc.r1_gamma": 0.0, "disc.multiscale_in": False, "disc.multiscale_out": False,
+           "disc.mix_match_fraction": 0.0}  # fmt: skip
+T1 = [("mse", "MSE"), ("pseudo_huber", "Pseudo-Huber"), ("latent_lpips", "LatentLPIPS"),
+      ("e_latent_lpips", "E-LatentLPIPS"), ("e_latent_lpips_star", "E-LatentLPIPS*")]  # fmt: skip
+T2 = [("control", "stage 1 continued (λ_GAN = 0), control", {"stage2.gan_weight": 0.0}),
+      ("plain", "+ diffusion D (plain)", dict(PLAIN_D)),
+      ("z", "+ z-conditional D", {**PLAIN_D, "disc.z_cond": True}),
+      ("r1", "+ single-sample R1", {**PLAIN_D, "disc.z_cond": True, "disc.r1_gamma": 0.01}),
+      ("ms", "+ multi-scale in/out", {**PLAIN_D, "disc.z_cond": True, "disc.r1_gamma": 0.01,
+                                      "disc.multiscale_in": True, "disc.multiscale_out": True}),
+      ("full", "+ mix-and-match (full = default)", {})]  # fmt: skip
+OPEN = [("ema_restart", "stage2.ema_restart=True (EMA restarts at stage 2)", {"stage2.ema_restart": True}),
+        ("lr_switch", "train.lr_reading=stage_switch (stage 2 constant 5e-5)",
+         {"train.lr_reading": "stage_switch", "stage2.lr_end": 5e-5}),
+        ("r1_device", "disc.r1_scope=device, 16 slices (16 R1 samples)", {"disc.r1_scope": "device", "disc.r1_groups": 16}),
+        ("alternating", "stage2.update_order=alternating", {"stage2.update_order": "alternating"}),
+        ("star_sum", "loss.star_reduce=sum", {"loss.star_reduce": "sum"})]  # fmt: skip
+
+
+def fmt_value(v) -> str:
+    return str(v)
+
+
+def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
+    """Every row, in run order: every row on the first seed, then the key rows (Table 1, Table 2's control and
+    full) on the other seeds, then the open choices on the other seeds."""
+    out: list[dict] = []
+
+    def add(table, name, label, seed, over, kind):
+        out.append({"table": table, "name": name, "label": label, "seed": seed, "over": over, "kind": kind,
+                    "id": f"{table}_{name}_s{seed}"})  # fmt: skip
+
+    base_row = not base
+    for i, s in enumerate(seeds):
+        for k, label in T1:
+            add("t1", k, label, s, {"loss.kind": k}, "stage1")
+        if i == 0 and base_row:
+            add("t2", "base", f"stage-1 base ({BASE_STEPS} steps, E-LatentLPIPS*)", 0, {}, "base")
+        for name, label, over in T2:
+            if name in ("control", "full"):
+                add("t2", name, label, s, over, "stage2")
+        if i == 0:
+            for name, label, over in T2:
+                if name not in ("control", "full"):
+                    add("t2", name, label, s, over, "stage2")
+            for name, label, over in OPEN:
+                add("open", name, label, s, over, "stage2")
+    for s in seeds[1:]:
+        for name, label, over in OPEN:
+            add("open", name, label, s, over, "stage2")
+    return out
+
+
+def command(row: dict, root: str, base: str) -> list[str]:
+    wd = os.path.join(root, "rows", row["id"])
+    args = [sys.executable, "-m", "d2g_jax.main", "--config=configs/mnist.py", f"--workdir={wd}",
+            "--config.mode=all", f"--config.seed={row['seed']}", "--config.pairs.seed=0",
+            f"--config.pairs.dir={os.path.join(root, 'pairs')}", "--config.report.rows=student",
+            "--config.report.grid_images=0", f"--config.eval.stats_dir={os.path.join(root, 'cache')}",
+            "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.train.keep=1",
+            "--config.stage2.eval_every=0", "--config.stage2.sample_every=0", "--config.log_every_s=60"]  # fmt: skip
+    if row["kind"] == "stage1":
+        over = {"train.num_steps": S1, "train.ckpt_every": S1, "train.ema_start": S1 // 3, "stage2.num_steps": 0}
+    elif row["kind"] == "base":
+        over = {"train.num_steps": BASE_STEPS, "train.ckpt_every": BASE_STEPS, "stage2.num_steps": 0}
+    else:
+        over = {"stage2.init_from": base or os.path.join(root, "rows", "t2_base_s0"), "train.num_steps": BASE_STEPS,
+                "stage2.num_steps": S2, "stage2.ckpt_every": S2}  # fmt: skip
+    over.update(row["over"])
+    return args + [f"--config.{k}={fmt_value(v)}" for k, v in over.items()]
+
+
+def git_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train_rate(log: str, stage: str) -> float | None:
+    """Steps/s of the stage's last progress line (measured after the first, compiling step)."""
+    rate = None
+    for line in log.splitlines():
+        m = re.search(rf"\b{stage} \d+/\d+ .*?([\d.]+) (steps|it)/s", line)
+        if m:
+            rate = float(m.group(1))
+    return rate
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _lock(wd: str) -> bool:
+    """Takes `<wd>/lock` (this process's pid) unless a live process holds it: several runners may share a root
+    (`python bench/fidelity.py --root R` twice on a machine with cores to spare) and never run one row twice."""
+    path = os.path.join(wd, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            os.remove(path)  # a stale lock of a runner that died
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+
+
+def run_row(row: dict, root: str, base: str) -> dict:
+    wd = os.path.join(root, "rows", row["id"])
+    done = os.path.join(wd, "row.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    os.makedirs(wd, exist_ok=True)
+    if not _lock(wd):
+        print(f"[{time.strftime('%H:%M:%S')}] {row['id']}: another runner has it", flush=True)
+        return {}
+    try:
+        return _run_locked(row, root, base, wd, done)
+    finally:
+        os.remove(os.path.join(wd, "lock"))
+
+
+def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
+    if os.path.isfile(done):
+        return json.load(open(done))
+    cmd = command(row, root, base)
+    print(f"[{time.strftime('%H:%M:%S')}] {row['id']}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(wd, "row.log"), "a") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    log = open(os.path.join(wd, "row.log")).read()
+    if rc != 0:
+        print(f"  FAILED (rc {rc}) after {wall:.0f} s; last lines of {wd}/row.log:\n" + "\n".join(log.splitlines()[-8:]))
+        return {}
+    report = json.load(open(os.path.join(wd, "report", "report.json")))[STUDENT]
+    stage = "stage1" if row["kind"] in ("stage1", "base") else "stage2"
+    batch = 64
+    rate = train_rate(log, stage)
+    result = {**row, "cmd": " ".join(["python"] + cmd[1:]).replace(root, "$ROOT"), "wall_s": wall,
+              "version": git_version(), "metrics": {**report, "train_img_per_s": rate * batch if rate else None}}  # fmt: skip
+    with open(done + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(done + ".tmp", done)
+    print(f"  done in {wall:.0f} s: FD {report['fd']:.2f}, prompt acc {report['prompt_acc']:.3f}", flush=True)
+    return result
+
+
+def ensure_pairs(root: str) -> None:
+    wd = os.path.join(root, "pairs_run")
+    if os.path.isfile(os.path.join(root, "pairs", "manifest.json")) and json.load(
+        open(os.path.join(root, "pairs", "manifest.json"))
+    ).get("complete"):
+        return
+    cmd = [sys.executable, "-m", "d2g_jax.main", "--config=configs/mnist.py", f"--workdir={wd}", "--config.mode=pairs",
+           "--config.pairs.seed=0", f"--config.pairs.dir={os.path.join(root, 'pairs')}"]  # fmt: skip
+    print(f"[{time.strftime('%H:%M:%S')}] pairs: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _stats(vals: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(vals)
+    if not n:
+        return float("nan"), float("nan"), 0
+    m = sum(vals) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
+    return m, sd, n
+
+
+def _cell(vals, f) -> str:
+    m, sd, n = _stats(vals)
+    if not n:
+        return "–"
+    if n == 1:
+        return f.format(m) + " (1 seed)"
+    return f"{f.format(m)} ± {f.format(sd)}"
+
+
+def beyond_noise(a: list[float], b: list[float]) -> tuple[float, float, bool]:
+    """(mean(a) − mean(b), 2·SE of the difference, |Δ| > 2·SE): Welch's standard error, ≥ 2 seeds each."""
+    ma, sa, na = _stats(a)
+    mb, sb, nb = _stats(b)
+    if na < 2 or nb < 2:
+        return ma - mb, float("nan"), False
+    se = math.sqrt(sa**2 / na + sb**2 / nb)
+    return ma - mb, 2 * se, abs(ma - mb) > 2 * se
+
+
+def load_results(root: str) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    rdir = os.path.join(root, "rows")
+    for d in sorted(os.listdir(rdir)) if os.path.isdir(rdir) else []:
+        f = os.path.join(rdir, d, "row.json")
+        if os.path.isfile(f):
+            r = json.load(open(f))
+            out.setdefault((r["table"], r["name"]), []).append(r)
+    return out
+
+
+def table(results, table_id: str, order: list[tuple[str, str]], title: str) -> str:
+    head = "| row | seeds | " + " | ".join(h for _, h, _ in METRICS) + " |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (len(METRICS) + 2)]
+    for name, label in order:
+        rs = results.get((table_id, name), [])
+        if not rs:
+            continue
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        cells = [_cell([r["metrics"].get(k) for r in rs], f) for k, _, f in METRICS]
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(results, pairs: list[tuple[tuple[str, str], tuple[str, str], str]]) -> str:
+    lines = ["| comparison | metric | Δ mean (a − b) | 2·SE | beyond noise |", "|---|---|---|---|---|"]
+    for a, b, label in pairs:
+        ra, rb = results.get(a, []), results.get(b, [])
+        if not ra or not rb:
+            continue
+        for k in ("fd", "prompt_acc"):
+            d, two_se, sig = beyond_noise([r["metrics"][k] for r in ra], [r["metrics"][k] for r in rb])
+            lines.append(f"| {label} | {k} | {d:+.3f} | {two_se:.3f} | {'yes' if sig else 'no'} |")
+    return "\n".join(lines)
+
+
+def tables(root: str) -> str:
+    res = load_results(root)
+    versions = sorted({r["version"] for rs in res.values() for r in rs})
+    parts = [f"Rows finished: {sum(len(v) for v in res.values())}; code version(s): {', '.join(versions)}", ""]
+    parts.append(table(res, "t1", T1, f"Table 1 analogue: stage 1, {S1} steps × batch 64, same pairs"))
+    parts += ["", comparisons(res, [(("t1", "e_latent_lpips"), ("t1", "mse"), "E-LatentLPIPS vs MSE"),
+                                    (("t1", "e_latent_lpips"), ("t1", "latent_lpips"), "E-LatentLPIPS vs LatentLPIPS"),
+                                    (("t1", "e_latent_lpips_star"), ("t1", "latent_lpips"),
+                                     "E-LatentLPIPS* vs LatentLPIPS"),
+                                    (("t1", "pseudo_huber"), ("t1", "mse"), "Pseudo-Huber vs MSE")])]  # fmt: skip
+    t2 = [("base", f"stage-1 base ({BASE_STEPS} steps)")] + [(n, lab) for n, lab, _ in T2]
+    parts += ["", table(res, "t2", t2, f"Table 2 analogue: stage 2, {S2} steps × batch 64 from one stage-1 generator")]
+    parts += ["", comparisons(res, [(("t2", "full"), ("t2", "control"), "full stage 2 vs control")])]
+    op = [("full", "default (full stage 2)")] + [(n, lab) for n, lab, _ in OPEN]
+    res_open = dict(res)
+    if ("t2", "full") in res:
+        res_open[("open", "full")] = res[("t2", "full")]
+    parts += ["", table(res_open, "open", op, f"Open choices: stage 2, {S2} steps, from the Table-2 generator")]
+    parts += ["", comparisons(res_open, [(("open", n), ("open", "full"), lab) for n, lab, _ in OPEN])]
+    fig5 = os.path.join(root, "fig5", "fig5.json")
+    if os.path.isfile(fig5):
+        parts += ["", fig5_table(json.load(open(fig5)))]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fig. 5: single-latent reconstruction
+
+
+FIG5_LOSSES = (("mse", "MSE"), ("latent_lpips", "LatentLPIPS"), ("e_latent_lpips", "E-LatentLPIPS"))
+FIG5_SHOW = (0, 10, 30, 100, 300, 1000)
+
+
+def fig5(root: str, seeds=(0, 1, 2), steps: int = 1000, lr: float = 0.05) -> dict:
+    """Optimise a N(0, 1) latent toward a held-out digit's VAE latent with Adam under each distance (perceptual
+    distances without the L1 term, so the distance alone decides), from the same start; decode the trajectory."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from PIL import Image
+
+    from d2g_jax.losses.elatentlpips import e_latent_lpips, load_latent_lpips
+    from d2g_jax.models.vae import load_vae
+    from d2g_jax.world import data as wdata
+    from d2g_jax.world import mnist as world
+
+    out_dir = os.path.join(root, "fig5")
+    os.makedirs(out_dir, exist_ok=True)
+    folder = world.DEFAULT_DIR
+    vae, vvars = load_vae(os.path.join(folder, "pipeline"))
+    vvars = jax.tree.map(jnp.asarray, vvars)
+    _, lp = load_latent_lpips(os.path.join(folder, "latent_lpips"), "mnist")
+    held = wdata.world_splits(0)["heldout"]
+    enc = jax.jit(lambda x: vae.apply(vvars, x, method="encode_latents"))
+    dec = jax.jit(lambda z: vae.apply(vvars, z, method="decode_latents"))
+    to_u8 = lambda x: np.asarray(np.clip((np.asarray(x) + 1) * 127.5, 0, 255).round(), np.uint8)
+
+    def dist(kind, z, target, rng):
+        if kind == "mse":
+            return jnp.mean((z - target) ** 2)
+        mode = "plain" if kind == "latent_lpips" else "ensemble"
+        return jnp.mean(e_latent_lpips(lp, z, target, rng, preset="bgco", l1=False, encoder="mnist", mode=mode))
+
+    results = {"steps": steps, "lr": lr, "optimizer": "adam", "augment": "bgco", "l1": False, "runs": []}
+    for seed in seeds:
+        idx = int(np.random.default_rng(seed).integers(len(held)))
+        img = jnp.asarray(held.images[idx : idx + 1], jnp.float32) / 127.5 - 1
+        target = enc(img)
+        z0 = jax.random.normal(jax.random.PRNGKey(1000 + seed), target.shape, jnp.float32)
+        rows_img = []
+        run = {"seed": seed, "heldout_index": idx, "caption": held.captions[idx]}
+        for kind, _ in FIG5_LOSSES:
+            tx = optax.adam(lr)
+
+            @jax.jit
+            def step(z, opt, k):
+                loss, g = jax.value_and_grad(lambda v: dist(kind, v, target, k))(z)
+                upd, opt = tx.update(g, opt, z)
+                return optax.apply_updates(z, upd), opt, loss
+
+            z, opt = z0, tx.init(z0)
+            shots = {0: z0}
+            for i in range(1, steps + 1):
+                z, opt, _ = step(z, opt, jax.random.fold_in(jax.random.PRNGKey(seed), i))
+                if i in FIG5_SHOW:
+                    shots[i] = z
+            final = float(jnp.mean((z - target) ** 2))
+            pix = np.asarray(dec(z), np.float32)
+            ref = np.asarray(dec(target), np.float32)
+            psnr = float(10 * np.log10(4.0 / max(np.mean((pix - ref) ** 2), 1e-12)))
+            run[kind] = {"latent_mse": final, "psnr_vs_target_decode": psnr}
+            rows_img.append(np.concatenate([to_u8(dec(shots[i]))[0] for i in FIG5_SHOW if i in shots]
+                                           + [to_u8(img)[0]], axis=1))  # fmt: skip
+        grid = np.concatenate(rows_img, axis=0)
+        path = os.path.join(out_dir, f"fig5_seed{seed}.png")
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+        run["png"] = path
+        results["runs"].append(run)
+        print(f"fig5 seed {seed}: " + ", ".join(f"{k} latent MSE {run[k]['latent_mse']:.4f}" for k, _ in FIG5_LOSSES),
+              flush=True)  # fmt: skip
+    with open(os.path.join(out_dir, "fig5.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def fig5_table(res: dict) -> str:
+    lines = [f"### Fig. 5 analogue: one latent, Adam lr {res['lr']}, {res['steps']} steps, no L1 term",
+             "", "| distance | final latent MSE to target | PSNR of decode vs target's decode (dB) |", "|---|---|---|"]
+    for kind, label in FIG5_LOSSES:
+        mse = [r[kind]["latent_mse"] for r in res["runs"]]
+        psnr = [r[kind]["psnr_vs_target_decode"] for r in res["runs"]]
+        lines.append(f"| {label} | {_cell(mse, '{:.4f}')} | {_cell(psnr, '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="/tmp/d2g_fidelity")
+    ap.add_argument("--base", default="", help="a finished configs/mnist.py workdir whose stage 1 is the Table-2 "
+                    f"generator (its stage 1 must be {BASE_STEPS} steps); default: the study makes it (row t2_base_s0)")
+    ap.add_argument("--only", default="", help="comma-separated subset of t1, t2, open, fig5")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tables", action="store_true", help="only print/write the tables of the finished rows")
+    ap.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
+    a = ap.parse_args()
+    root = os.path.abspath(a.root)
+    seeds = tuple(int(s) for s in a.seeds.split(","))
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    todo = [r for r in rows(root, a.base, seeds) if not only or r["table"] in only]
+    if a.list:
+        for r in todo:
+            print(r["id"], " ".join(command(r, root, a.base)[1:]))
+        return
+    if not a.tables:
+        ensure_pairs(root)
+        if not only or "fig5" in only:
+            if not os.path.isfile(os.path.join(root, "fig5", "fig5.json")):
+                fig5(root, seeds)
+        for r in todo:
+            run_row(r, root, a.base)
+    text = tables(root)
+    with open(os.path.join(root, "tables.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
