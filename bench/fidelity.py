@@ -72,8 +72,8 @@ def fmt_value(v) -> str:
 
 
 def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
-    """Every row, in run order: every row on the first seed, then the key rows (Table 1, Table 2's control and
-    full) on the other seeds, then the open choices on the other seeds."""
+    """Every row, in run order: Table 1 and Table 2 on the first seed, the key rows (Table 1, Table 2's control and
+    full: the conclusions rest on them) on the other seeds, then the open choices seed by seed."""
     out: list[dict] = []
 
     def add(table, name, label, seed, over, kind):
@@ -93,9 +93,7 @@ def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
             for name, label, over in T2:
                 if name not in ("control", "full"):
                     add("t2", name, label, s, over, "stage2")
-            for name, label, over in OPEN:
-                add("open", name, label, s, over, "stage2")
-    for s in seeds[1:]:
+    for s in seeds:
         for name, label, over in OPEN:
             add("open", name, label, s, over, "stage2")
     return out
