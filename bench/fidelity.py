@@ -59,6 +59,9 @@ T2 = [("control", "stage 1 continued (λ_GAN = 0), control", {"stage2.gan_weight
       ("ms", "+ multi-scale in/out", {**PLAIN_D, "disc.z_cond": True, "disc.r1_gamma": 0.01,
                                       "disc.multiscale_in": True, "disc.multiscale_out": True}),
       ("full", "+ mix-and-match (full = default)", {})]  # fmt: skip
+# Table 1's latent rows carry the official L1 term (loss.l1); without it, does LatentLPIPS fail as in Fig. 5?
+T1X = [("latent_lpips_nol1", "LatentLPIPS, no L1 term", {"loss.kind": "latent_lpips", "loss.l1": False}),
+       ("e_latent_lpips_nol1", "E-LatentLPIPS, no L1 term", {"loss.kind": "e_latent_lpips", "loss.l1": False})]  # fmt: skip
 OPEN = [("ema_restart", "stage2.ema_restart=True (EMA restarts at stage 2)", {"stage2.ema_restart": True}),
         ("lr_switch", "train.lr_reading=stage_switch (stage 2 constant 5e-5)",
          {"train.lr_reading": "stage_switch", "stage2.lr_end": 5e-5}),
@@ -93,6 +96,8 @@ def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
             for name, label, over in T2:
                 if name not in ("control", "full"):
                     add("t2", name, label, s, over, "stage2")
+    for name, label, over in T1X:
+        add("t1x", name, label, seeds[0], over, "stage1")
     for s in seeds:
         for name, label, over in OPEN:
             add("open", name, label, s, over, "stage2")
@@ -306,6 +311,8 @@ def tables(root: str) -> str:
     versions = sorted({r["version"] for rs in res.values() for r in rs})
     parts = [f"Rows finished: {sum(len(v) for v in res.values())}; code version(s): {', '.join(versions)}", ""]
     parts.append(table(res, "t1", T1, f"Table 1 analogue: stage 1, {S1} steps × batch 64, same pairs"))
+    res_x = {**res, **{("t1", n): v for (t, n), v in res.items() if t == "t1x"}}
+    parts += ["", table(res_x, "t1", [(n, lab) for n, lab, _ in T1X], "Table 1, the latent rows without the L1 term")]
     parts += ["", comparisons(res, [(("t1", "e_latent_lpips"), ("t1", "mse"), "E-LatentLPIPS vs MSE"),
                                     (("t1", "e_latent_lpips"), ("t1", "latent_lpips"), "E-LatentLPIPS vs LatentLPIPS"),
                                     (("t1", "e_latent_lpips_star"), ("t1", "latent_lpips"),
@@ -422,7 +429,7 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/d2g_fidelity")
     ap.add_argument("--base", default="", help="a finished configs/mnist.py workdir whose stage 1 is the Table-2 "
                     f"generator (its stage 1 must be {BASE_STEPS} steps); default: the study makes it (row t2_base_s0)")
-    ap.add_argument("--only", default="", help="comma-separated subset of t1, t2, open, fig5")
+    ap.add_argument("--only", default="", help="comma-separated subset of t1, t1x, t2, open, fig5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tables", action="store_true", help="only print/write the tables of the finished rows")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
