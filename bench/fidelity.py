@@ -414,6 +414,57 @@ def fig5(root: str, seeds=(0, 1, 2), steps: int = 1000, lr: float = 0.05) -> dic
     return results
 
 
+def grids(root: str, seed: int = 0, num: int = 16) -> list[str]:
+    """One PNG per table: the teacher's 50-step ODE on top, then each finished row's one-step student (seed `seed`),
+    on the same `num` held-out captions (spread over the digits) and noise (`<root>/grids/table{1,2,open}_s<seed>.png`)."""
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from d2g_jax import sharding as shd
+    from d2g_jax.data.prompts import read_prompts
+    from d2g_jax.generate import OneStepSampler, noise_for_seeds
+    from d2g_jax.workdir import latest_export
+    from d2g_jax.world import mnist as world
+
+    res = load_results(root)
+    teacher = os.path.join(world.DEFAULT_DIR, "pipeline")
+    captions = os.path.join(root, "rows", "t1_mse_s0", "world", "heldout", "captions.jsonl")
+    every = read_prompts(captions, field="caption")
+    prompts = every[:: max(len(every) // num, 1)][:num]  # the held-out set is sorted by digit: a spread of them
+    mesh = shd.make_mesh(-1, 1)
+    z = noise_for_seeds([2024 + i for i in range(num)], (8, 8, 4))
+    out, top = [], None
+    os.makedirs(os.path.join(root, "grids"), exist_ok=True)
+    for tid, order in (("t1", T1 + [(n, lab) for n, lab, _ in T1X]), ("t2", [(n, lab) for n, lab, _ in T2]),
+                       ("open", [(n, lab) for n, lab, _ in OPEN])):  # fmt: skip
+        strips, labels = [], []
+        for name, label in order:
+            table_id = "t1x" if name.endswith("_nol1") else tid
+            r = [x for x in res.get((table_id, name), []) if x["seed"] == seed]
+            if not r:
+                continue
+            unet = latest_export(os.path.join(root, "rows", r[0]["id"], "export"))
+            sampler = OneStepSampler.load(teacher, unet, resolution=32, batch_size=num,
+                                          mesh=mesh, dtype="float32", with_teacher=top is None)  # fmt: skip
+            if top is None:
+                top = sampler.teacher_images(z, prompts, 3.0, 50)
+            strips.append(np.concatenate(list(sampler.images(z, prompts)), axis=1))
+            labels.append(label)
+            jax.clear_caches()
+        if not strips:
+            continue
+        grid = np.concatenate([np.concatenate(list(top), axis=1)] + strips, axis=0)
+        path = os.path.join(root, "grids", f"table{tid[1:] if tid != 'open' else '_open'}_s{seed}.png")
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+        with open(path[:-4] + ".txt", "w") as f:
+            f.write("rows, top to bottom: teacher 50-step ODE; " + "; ".join(labels) + "\ncaptions: "
+                    + " | ".join(prompts) + "\n")  # fmt: skip
+        out.append(path)
+        print("grid:", path, flush=True)
+    return out
+
+
 def fig5_table(res: dict) -> str:
     lines = [f"### Fig. 5 analogue: one latent, Adam lr {res['lr']}, {res['steps']} steps, no L1 term",
              "", "| distance | final latent MSE to target | PSNR of decode vs target's decode (dB) |", "|---|---|---|"]
@@ -433,11 +484,15 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tables", action="store_true", help="only print/write the tables of the finished rows")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
+    ap.add_argument("--grids", action="store_true", help="only draw the sample grids of the finished rows (seed 0)")
     a = ap.parse_args()
     root = os.path.abspath(a.root)
     seeds = tuple(int(s) for s in a.seeds.split(","))
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     todo = [r for r in rows(root, a.base, seeds) if not only or r["table"] in only]
+    if a.grids:
+        grids(root)
+        return
     if a.list:
         for r in todo:
             print(r["id"], " ".join(command(r, root, a.base)[1:]))
