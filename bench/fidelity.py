@@ -61,11 +61,13 @@ T2 = [("control", "stage 1 continued (λ_GAN = 0), control", {"stage2.gan_weight
       ("full", "+ mix-and-match (full = default)", {})]  # fmt: skip
 # Table 1's latent rows carry the official L1 term (loss.l1); without it, does LatentLPIPS fail as in Fig. 5?
 T1X = [("latent_lpips_nol1", "LatentLPIPS, no L1 term", {"loss.kind": "latent_lpips", "loss.l1": False}),
-       ("e_latent_lpips_nol1", "E-LatentLPIPS, no L1 term", {"loss.kind": "e_latent_lpips", "loss.l1": False})]  # fmt: skip
+       ("e_latent_lpips_nol1", "E-LatentLPIPS, no L1 term",
+        {"loss.kind": "e_latent_lpips", "loss.l1": False})]  # fmt: skip
 OPEN = [("ema_restart", "stage2.ema_restart=True (EMA restarts at stage 2)", {"stage2.ema_restart": True}),
         ("lr_switch", "train.lr_reading=stage_switch (stage 2 constant 5e-5)",
          {"train.lr_reading": "stage_switch", "stage2.lr_end": 5e-5}),
-        ("r1_device", "disc.r1_scope=device, 16 slices (16 R1 samples)", {"disc.r1_scope": "device", "disc.r1_groups": 16}),
+        ("r1_device", "disc.r1_scope=device, 16 slices (16 R1 samples)",
+         {"disc.r1_scope": "device", "disc.r1_groups": 16}),
         ("alternating", "stage2.update_order=alternating", {"stage2.update_order": "alternating"}),
         ("star_sum", "loss.star_reduce=sum", {"loss.star_reduce": "sum"})]  # fmt: skip
 
@@ -210,14 +212,16 @@ def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
     wall = time.time() - t0
     log = open(os.path.join(wd, "row.log")).read()
     if rc != 0:
-        print(f"  FAILED (rc {rc}) after {wall:.0f} s; last lines of {wd}/row.log:\n" + "\n".join(log.splitlines()[-8:]))
+        tail = "\n".join(log.splitlines()[-8:])
+        print(f"  FAILED (rc {rc}) after {wall:.0f} s; last lines of {wd}/row.log:\n{tail}")
         return {}
     report = json.load(open(os.path.join(wd, "report", "report.json")))[STUDENT]
     stage = "stage1" if row["kind"] in ("stage1", "base") else "stage2"
     batch = 64
     rate = train_rate(log, stage)
+    metrics = {**report, "train_img_per_s": rate * batch if rate else None}
     result = {**row, "cmd": " ".join(["python"] + cmd[1:]).replace(root, "$ROOT"), "wall_s": wall,
-              "version": git_version(), "metrics": {**report, "train_img_per_s": rate * batch if rate else None}}  # fmt: skip
+              "version": git_version(), "metrics": metrics}  # fmt: skip
     with open(done + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(done + ".tmp", done)
@@ -384,7 +388,7 @@ def fig5(root: str, seeds=(0, 1, 2), steps: int = 1000, lr: float = 0.05) -> dic
             tx = optax.adam(lr)
 
             @jax.jit
-            def step(z, opt, k):
+            def step(z, opt, k, kind=kind, target=target, tx=tx):
                 loss, g = jax.value_and_grad(lambda v: dist(kind, v, target, k))(z)
                 upd, opt = tx.update(g, opt, z)
                 return optax.apply_updates(z, upd), opt, loss
@@ -416,7 +420,8 @@ def fig5(root: str, seeds=(0, 1, 2), steps: int = 1000, lr: float = 0.05) -> dic
 
 def grids(root: str, seed: int = 0, num: int = 16) -> list[str]:
     """One PNG per table: the teacher's 50-step ODE on top, then each finished row's one-step student (seed `seed`),
-    on the same `num` held-out captions (spread over the digits) and noise (`<root>/grids/table{1,2,open}_s<seed>.png`)."""
+    on the same `num` held-out captions (spread over the digits) and noise
+    (`<root>/grids/table{1,2,_open}_s<seed>.png`)."""
     import jax
     import numpy as np
     from PIL import Image

@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     #   "stage_switch": the arrow is a stage switch like the batch-size arrows of the same table: stage 1 runs at
     #                train.lr constant, stage 2 at stage2.lr_end constant (D keeps its own disc.* schedule: it only
     #                exists in stage 2, so a stage switch says nothing about it).
+    # Default per_stage (the reading the code had); configs/sd15*.py and sdxl.py use stage_switch: Table A1 writes
+    # the batch-size stage switches with the same arrow ("2048→1024"), and FIDELITY.md measured no difference on the
+    # MNIST world (stage 2: FD 17.93 / 18.09 vs 18.03 / 18.47 on seeds 0 / 1, inside the seed spread), so the paper's
+    # notation decides.
     c.train.lr_reading = "per_stage"
     c.train.b1 = 0.9  # Table A1: G β1
     c.train.b2 = 0.999  # Table A1: G β2
@@ -88,11 +92,15 @@ def get_config() -> ml_collections.ConfigDict:
     # The stage-2 EMA (paper: unstated). False: stage 1's EMA carries on (β = train.ema_beta from stage-2 step 0), so
     # after SD's 10k stage-2 steps 0.9999^10k = 37% of the exported EMA is still stage-1 weights. True: it restarts
     # from the weights stage 2 starts from and follows them exactly until stage2.ema_start, then averages.
+    # FIDELITY.md: no measurable difference on the MNIST world (FD 18.07 / 18.52 restart vs 18.03 / 18.47 carry, seeds
+    # 0 / 1); Table A1 gives one "G ema start 4k" for the whole run, so every config carries the EMA on (False).
     c.stage2.ema_restart = False
     c.stage2.ema_start = 0  # with ema_restart: the restarted EMA's start step (must be 0 without a restart)
     # "simultaneous": G and D updated from one G forward, G's GAN gradient through D before this step's D update
     # (4 U-Net passes per sample). "alternating": G's update first, then D's on the updated G's output (a second G
     # forward: 5 passes per sample, Table A1's stage-2 NFE; StyleGAN2/GigaGAN's order).
+    # FIDELITY.md: alternating = simultaneous to two decimals on the MNIST world (FD 18.03 / 18.47, seeds 0 / 1);
+    # every config keeps "simultaneous" (4 passes, no measured gain from the 5th).
     c.stage2.update_order = "simultaneous"
     c.stage2.log_every = 100
     c.stage2.eval_every = 1000  # 0 = never
@@ -114,8 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.r1_samples = 1  # R1 on this many real examples of each batch (1 = the paper's single-sample R1)
     # Whose batch r1_samples counts in: "batch" = the global batch (r1_samples rows in all); "device" = each
     # data-parallel slice, as the paper's "one sample of each mini-batch" on 16-64 GPUs reads (r1_samples × slices).
+    # Default "batch" (single-device runs: one sample); configs/sd15*.py use "device": the paper applies R1 "only to a
+    # single sample of each mini-batch" to bound per-GPU memory, i.e. one per GPU's mini-batch (16-64 GPUs), and
+    # FIDELITY.md measured no harm from 16 samples on the MNIST world (FD 18.04 / 18.48 vs 18.03 / 18.47, seeds 0 /
+    # 1). SDXL: no R1.
     c.disc.r1_scope = "batch"
-    c.disc.r1_groups = 0  # slices for r1_scope="device"; 0 = the mesh's data-parallel size (set it to emulate a GPU count)
+    c.disc.r1_groups = 0  # slices for r1_scope="device"; 0 = one per device (set it to emulate a GPU count)
     c.disc.mix_match_fraction = 0.25  # share of D's fake batch replaced by mismatched real latents (paper: unstated)
     c.disc.mix_match_types = "noise,text,both"  # what the replaced rows mismatch, cycled over those rows
     c.disc.noise_aug = False  # Table A1 "noise augment before D" (SDXL: True): x_t = α_t x + σ_t ε, t random
@@ -143,6 +155,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.huber_c = 0.0  # pseudo_huber's c; 0 = 0.00054·√d (d = latent elements per sample; Song & Dhariwal 2023)
     # E-LatentLPIPS* = the augmented and the plain distance combined by "mean" (the default: a distance on
     # E-LatentLPIPS's scale, so λ_GAN keeps its meaning) or "sum" (doubles the distillation term against λ_GAN).
+    # Every config keeps "mean" (FIDELITY.md: sum 17.98 vs mean 18.03, one seed, inside the noise; a sum would
+    # silently halve λ_GAN's relative weight).
     c.loss.star_reduce = "mean"
     c.loss.augment = "bgo"  # Table A1, SD-CFG-3: bg + cutout (SD-CFG-8 / SDXL: bgco)
     c.loss.l1 = True  # the official E-LatentLPIPS adds mean |x − y| of the raw latents

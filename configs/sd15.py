@@ -20,4 +20,6 @@ def get_config():
     c.pairs.guidance_scale = 3.0
     c.pairs.num_pairs = 3_000_000
     c.pairs.resolution = 512
+    c.train.lr_reading = "stage_switch"  # Table A1 "1e-4→1e-5" read like its batch arrows: 1e-4 in stage 1, 1e-5 in 2
+    c.disc.r1_scope = "device"  # "a single sample of each mini-batch": one R1 sample per device (configs/base.py)
     return c

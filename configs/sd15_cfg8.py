@@ -12,6 +12,8 @@ def get_config():
     c.pairs.guidance_scale = 8.0
     c.pairs.num_pairs = 12_000_000
     c.pairs.resolution = 512
+    c.train.lr_reading = "stage_switch"  # Table A1 "1e-4→1e-5" read like its batch arrows: 1e-4 in stage 1, 1e-5 in 2
+    c.disc.r1_scope = "device"  # "a single sample of each mini-batch": one R1 sample per device (configs/base.py)
     c.train.num_steps = 50_000  # Table A1: first stage 50k
     c.train.batch_size = 2048  # Table A1: 2048 → 1024 (stage 1 → stage 2)
     c.loss.kind = "e_latent_lpips"  # Table A1: E-LatentLPIPS, bgc + cutout

@@ -20,6 +20,7 @@ def get_config():
     c.pairs.guidance_scale = 7.0
     c.pairs.num_pairs = 8_000_000
     c.pairs.resolution = 1024
+    c.train.lr_reading = "stage_switch"  # Table A1 "1e-4→1e-5" read like its batch arrows (configs/base.py)
     c.pairs.batch_size = 32
     c.train.num_steps = 20_000  # Table A1: first stage 20k
     c.train.batch_size = 1024  # Table A1: 1024 → 512 (stage 1 → stage 2)

@@ -3,8 +3,8 @@
 `load_distill_loss(config, teacher_folder) → (loss_fn, variables)` with `loss_fn(variables, x0, target, rng) → [B]`:
 E-LatentLPIPS (`e_latent_lpips`, SD-CFG-8 / SDXL), E-LatentLPIPS* (`e_latent_lpips_star`: mean — or with
 `loss.star_reduce="sum"` the sum — of the augmented and the plain distance, SD-CFG-3), LatentLPIPS
-(`latent_lpips`), the pixel LPIPS ablation (`lpips_pixel`: VAE decode + LPIPS-VGG), `mse` or `pseudo_huber`. The LatentVGG comes from the official files in `config.loss.ckpt_dir` (or random weights
-for tiny runs).
+(`latent_lpips`), the pixel LPIPS ablation (`lpips_pixel`: VAE decode + LPIPS-VGG), `mse` or `pseudo_huber`.
+The LatentVGG comes from the official files in `config.loss.ckpt_dir` (or random weights for tiny runs).
 """
 
 from __future__ import annotations

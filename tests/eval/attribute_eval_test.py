@@ -247,7 +247,8 @@ def test_teacher_images_are_cached_per_teacher(setup, monkeypatch, tmp_path):
     assert calls >= 1 and len([f for f in os.listdir(c.eval.stats_dir) if f.startswith("teacher_images_")]) == 2
     pipeline.run(c, wd)
     assert KeyedFakeSampler.calls == calls  # served from the cache
-    assert result()["teacher_dist"] == first["teacher_dist"] and result()["teacher_dist_pixel"] == first["teacher_dist_pixel"]
+    again = result()
+    assert again["teacher_dist"] == first["teacher_dist"] and again["teacher_dist_pixel"] == first["teacher_dist_pixel"]
 
     sampler.teacher_key = "fake-teacher-b"  # another teacher: recomputed, another distance
     pipeline.run(c, wd)
