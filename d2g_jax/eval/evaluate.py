@@ -282,7 +282,8 @@ class Evaluator:
 
     def _teacher_cache(self, sampler, teacher_ode, n: int) -> str | None:
         """The file caching the teacher's ODE images of the first `n` (prompt, seed) pairs for teacher_dist /
-        DreamSim (`<eval.stats_dir or workdir/eval/reference>/teacher_images_<key>.npz`): the key hashes the teacher's
+        DreamSim (`<eval.stats_dir>/teacher_images/` or `<workdir>/eval/teacher_images/`, `teacher_images_<key>.npz`,
+        beside, not among, the reference statistics): the key hashes the teacher's
         fingerprint and dtype, the ODE, the latent shape, the prompts and the seeds, so every checkpoint evaluated
         against one teacher reuses one ODE run. Single-process runs only (hosts need not share a filesystem)."""
         key = getattr(sampler, "teacher_key", "")
@@ -294,7 +295,9 @@ class Evaluator:
         blob = json.dumps({"teacher": key, "ode": list(teacher_ode), "shape": list(sampler.latent_shape),
                            "prompts": self.prompts[:n], "seeds": self.seeds[:n]}, sort_keys=True)  # fmt: skip
         digest = hashlib.sha256(blob.encode()).hexdigest()[:20]
-        folder = self.config.eval.stats_dir or os.path.join(self.workdir, "eval", "reference")
+        e = self.config.eval
+        folder = os.path.join(e.stats_dir, "teacher_images") if e.stats_dir else os.path.join(self.workdir, "eval",
+                                                                                               "teacher_images")
         return os.path.join(folder, f"teacher_images_{digest}.npz")
 
     def run_images(self, images, *, save_dir: str = "", save_num: int = 0,

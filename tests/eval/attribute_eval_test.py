@@ -244,7 +244,8 @@ def test_teacher_images_are_cached_per_teacher(setup, monkeypatch, tmp_path):
     KeyedFakeSampler.calls = 0
     pipeline.run(c, wd)
     first, calls = result(), KeyedFakeSampler.calls
-    assert calls >= 1 and len([f for f in os.listdir(c.eval.stats_dir) if f.startswith("teacher_images_")]) == 2
+    cache = os.path.join(c.eval.stats_dir, "teacher_images")
+    assert calls >= 1 and len([f for f in os.listdir(cache) if f.startswith("teacher_images_")]) == 2
     pipeline.run(c, wd)
     assert KeyedFakeSampler.calls == calls  # served from the cache
     again = result()
@@ -254,4 +255,4 @@ def test_teacher_images_are_cached_per_teacher(setup, monkeypatch, tmp_path):
     pipeline.run(c, wd)
     assert KeyedFakeSampler.calls > calls
     assert result()["teacher_dist_pixel"] != first["teacher_dist_pixel"]
-    assert len([f for f in os.listdir(c.eval.stats_dir) if f.endswith(".npz")]) == 2
+    assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == 2
