@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from stage2_toys import ToyDisc, ToyGenerator, make_batch, make_state, stage2_config
 
-from configs import tiny as tiny_config
 from d2g_jax.models.text import TextEncoder
 from d2g_jax.models.tiny import TINY_UNET, write_tiny_pipeline
 from d2g_jax.models.unet import load_unet
@@ -48,9 +48,7 @@ from d2g_jax.train.discriminator import (
 )
 from d2g_jax.train.distill import load_distill_loss
 from d2g_jax.train.generator import Generator
-from d2g_jax.train.optim import optimizer_from_config
 from d2g_jax.train.stage2 import make_stage2_step, stage2_train_config
-from d2g_jax.train.state import TrainState
 
 FLAGS = list(itertools.product([False, True], repeat=3))  # (z_cond, multiscale_in, multiscale_out)
 # The tiny U-Net without the down/up-block transformers (see the module docstring).
@@ -302,36 +300,10 @@ def test_mix_and_match_builds_mismatched_pairs(with_pooled):
 # One stage-2 step on the tiny pipeline (one compilation).
 
 
-def _stage2_config():
-    config = tiny_config.get_config()
-    config.loss.kind = "mse"
-    config.stage2.batch_size = 4
-    config.disc.mix_match_fraction = 0.5
-    config.disc.mix_match_types = "noise,text"
-    for group in (config.stage2, config.disc):  # large learning rates: every parameter with a gradient moves
-        group.lr = group.lr_end = 1e-2
-    for group in (config.train, config.disc):  # no weight decay: a parameter moves iff it has a gradient
-        group.weight_decay = group.weight_decay_attention = 0.0
-        group.lr_schedule = "constant"
-    assert float(config.disc.r1_gamma) > 0
-    return config
 
 
-def _state(gp, dp, t, dc):
-    tx, lr_fn = optimizer_from_config(gp, t, int(t.num_steps))
-    dtx, dlr_fn = optimizer_from_config(dp, dc, int(t.num_steps))
-    state = TrainState(step=jnp.int32(0), params=gp, ema=gp, opt_state=tx.init(gp), rng=jax.random.PRNGKey(0),
-                       disc=dp, disc_opt=dtx.init(dp))  # fmt: skip
-    return state, (tx, lr_fn, dtx, dlr_fn)
 
 
-def _batch(text, b, seed=4):
-    rng = np.random.default_rng(seed)
-    tok = text.tokenize(["a red cube", "two birds", "a small house", "the sea at night"][:b])
-    return {"noise": jnp.asarray(rng.standard_normal((b, 8, 8, 4)), jnp.float32),
-            "latent": jnp.asarray(rng.standard_normal((b, 8, 8, 4)), jnp.float32),
-            "ids": tuple(jnp.asarray(i) for i in tok.ids),
-            "masks": tuple(jnp.asarray(m) for m in tok.masks)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +313,7 @@ def text_encoder(tiny_pipeline):
 
 @pytest.fixture(scope="module")
 def stage2(tiny_pipeline, teacher, text_encoder):
-    config = _stage2_config()
+    config = stage2_config()
     unet, variables = teacher
     t, dc = stage2_train_config(config), config.disc
     gen = Generator(unet, DDIMSchedule.from_pipeline(tiny_pipeline), _vae_scale_factor(tiny_pipeline))
@@ -349,12 +321,12 @@ def stage2(tiny_pipeline, teacher, text_encoder):
     loss_fn, loss_vars = load_distill_loss(config, tiny_pipeline)
     gp = jax.tree.map(jnp.asarray, variables["params"])
     dp = jax.tree.map(jnp.asarray, init_disc_params(disc, variables["params"], seed=0))
-    state, opt = _state(gp, dp, t, dc)
+    state, opt = make_state(gp, dp, t, dc)
     step = make_stage2_step(gen, disc, text_encoder, loss_fn, t, dc, *opt, distill_weight=float(config.loss.weight),
                             gan_weight=float(config.stage2.gan_weight))  # fmt: skip
     frozen = {"text": text_encoder.params, "loss": loss_vars}
     frozen_before = jax.device_get(frozen)
-    new, metrics = jax.device_get(jax.jit(step)(state, frozen, _batch(text_encoder, int(t.batch_size))))
+    new, metrics = jax.device_get(jax.jit(step)(state, frozen, make_batch(text_encoder, int(t.batch_size))))
     return dict(state=state, frozen=frozen, frozen_before=frozen_before, new=new, metrics=metrics)
 
 
@@ -394,36 +366,22 @@ def test_stage2_step_updates_every_g_and_d_parameter(stage2):
 # encoder is the real (tiny) one.
 
 
-class _ToyGenerator(Generator):
-    """x0 = a·z + (mean_tokens(context) @ w): depends on its params, the noise and the text."""
-
-    def __call__(self, params, z, cond):
-        text = jnp.mean(cond["context"], axis=1) @ params["w"]
-        return params["a"] * z + text[:, None, None, :]
 
 
-class _ToyDisc(nn.Module):
-    """Two logit maps (full and half resolution) from x, z, the timestep and the text."""
-
-    @nn.compact
-    def __call__(self, x, z, timesteps, context, text_embeds=None, time_ids=None):
-        h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(z) + nn.Dense(8)(jnp.mean(context, axis=1))[:, None, None, :]
-        h = nn.silu(h + 1e-3 * timesteps.astype(jnp.float32)[:, None, None, None])
-        return nn.Dense(1)(h), nn.Dense(1)(nn.avg_pool(h, (2, 2), (2, 2)))
 
 
 def test_stage2_gradients_detach_fakes_and_conditioning(tiny_pipeline, text_encoder):
-    config = _stage2_config()
+    config = stage2_config()
     t, dc = stage2_train_config(config), config.disc
-    gen = _ToyGenerator(None, DDIMSchedule.from_pipeline(tiny_pipeline))
-    disc = _ToyDisc()
-    batch = _batch(text_encoder, int(t.batch_size))
+    gen = ToyGenerator(None, DDIMSchedule.from_pipeline(tiny_pipeline))
+    disc = ToyDisc()
+    batch = make_batch(text_encoder, int(t.batch_size))
     rng = np.random.default_rng(7)
     gp = {"a": jnp.float32(0.7), "w": jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)}
     shapes = jax.eval_shape(disc.init, jax.random.PRNGKey(1), batch["noise"], batch["noise"],
                             jnp.zeros((4,), jnp.int32), jnp.zeros((4, 77, 32)))["params"]  # fmt: skip
     dp = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32), shapes)
-    state, opt = _state(gp, dp, t, dc)
+    state, opt = make_state(gp, dp, t, dc)
     loss_fn, loss_vars = load_distill_loss(config, tiny_pipeline)
     step = make_stage2_step(gen, disc, text_encoder, loss_fn, t, dc, *opt, distill_weight=1.0, gan_weight=0.25)
     frozen = {"text": text_encoder.params, "loss": loss_vars}

@@ -16,11 +16,11 @@ import math
 import os
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from stage2_toys import ToyDisc, ToyGenerator, make_batch, make_state, stage2_config
 
 from configs import tiny as tiny_config
 from d2g_jax import pipeline
@@ -29,10 +29,8 @@ from d2g_jax.models.text import TextEncoder
 from d2g_jax.models.tiny import TINY_UNET, write_tiny_pipeline
 from d2g_jax.sampling import DDIMSchedule
 from d2g_jax.train.distill import huber_c, load_distill_loss, pseudo_huber
-from d2g_jax.train.generator import Generator
 from d2g_jax.train.optim import optimizer_from_config, read_lr
 from d2g_jax.train.stage2 import make_stage2_step, r1_rows, stage2_train_config
-from d2g_jax.train.state import TrainState
 from d2g_jax.validate import ConfigError, validate
 
 NO_TEACHER = "/nonexistent/teacher"  # loss kinds that read no teacher file
@@ -284,70 +282,30 @@ def text_encoder(tiny_pipeline):
     return TextEncoder.from_pipeline(tiny_pipeline)
 
 
-class _ToyGenerator(Generator):
-    """x0 = a·z + (mean_tokens(context) @ w): depends on its params, the noise and the text."""
-
-    def __call__(self, params, z, cond):
-        text = jnp.mean(cond["context"], axis=1) @ params["w"]
-        return params["a"] * z + text[:, None, None, :]
 
 
-class _ToyDisc(nn.Module):
-    """Two logit maps (full and half resolution) from x, z, the timestep and the text."""
-
-    @nn.compact
-    def __call__(self, x, z, timesteps, context, text_embeds=None, time_ids=None):
-        h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(z) + nn.Dense(8)(jnp.mean(context, axis=1))[:, None, None, :]
-        h = nn.silu(h + 1e-3 * timesteps.astype(jnp.float32)[:, None, None, None])
-        return nn.Dense(1)(h), nn.Dense(1)(nn.avg_pool(h, (2, 2), (2, 2)))
 
 
-def _stage2_config():
-    config = tiny_config.get_config()
-    config.loss.kind = "mse"
-    config.stage2.batch_size = 4
-    config.disc.mix_match_fraction = 0.5
-    config.disc.mix_match_types = "noise,text"
-    for group in (config.stage2, config.disc):  # large learning rates: every parameter with a gradient moves
-        group.lr = group.lr_end = 1e-2
-    for group in (config.train, config.disc):  # no weight decay: a parameter moves iff it has a gradient
-        group.weight_decay = group.weight_decay_attention = 0.0
-        group.lr_schedule = "constant"
-    assert float(config.disc.r1_gamma) > 0 and int(config.disc.r1_samples) == 1
-    return config
 
 
-def _state(gp, dp, t, dc):
-    tx, lr_fn = optimizer_from_config(gp, t, int(t.num_steps))
-    dtx, dlr_fn = optimizer_from_config(dp, dc, int(t.num_steps))
-    state = TrainState(step=jnp.int32(0), params=gp, ema=gp, opt_state=tx.init(gp), rng=jax.random.PRNGKey(0),
-                       disc=dp, disc_opt=dtx.init(dp))  # fmt: skip
-    return state, (tx, lr_fn, dtx, dlr_fn)
 
 
-def _batch(text, b, seed=4):
-    rng = np.random.default_rng(seed)
-    tok = text.tokenize(["a red cube", "two birds", "a small house", "the sea at night"][:b])
-    return {"noise": jnp.asarray(rng.standard_normal((b, 8, 8, 4)), jnp.float32),
-            "latent": jnp.asarray(rng.standard_normal((b, 8, 8, 4)), jnp.float32),
-            "ids": tuple(jnp.asarray(i) for i in tok.ids),
-            "masks": tuple(jnp.asarray(m) for m in tok.masks)}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def toy(tiny_pipeline, text_encoder):
     """`run(update, state=None, **disc_overrides) → (new state, metrics)` of the toy stage-2 step (jitted)."""
-    config = _stage2_config()
+    config = stage2_config()
     t = stage2_train_config(config)
-    gen = _ToyGenerator(None, DDIMSchedule.from_pipeline(tiny_pipeline))
-    disc = _ToyDisc()
-    batch = _batch(text_encoder, int(t.batch_size))
+    gen = ToyGenerator(None, DDIMSchedule.from_pipeline(tiny_pipeline))
+    disc = ToyDisc()
+    batch = make_batch(text_encoder, int(t.batch_size))
     rng = np.random.default_rng(7)
     gp = {"a": jnp.float32(0.7), "w": jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)}
     shapes = jax.eval_shape(disc.init, jax.random.PRNGKey(1), batch["noise"], batch["noise"],
                             jnp.zeros((4,), jnp.int32), jnp.zeros((4, 77, 32)))["params"]  # fmt: skip
     dp = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), jnp.float32), shapes)
-    state0, _ = _state(gp, dp, t, config.disc)
+    state0, _ = make_state(gp, dp, t, config.disc)
     loss_fn, loss_vars = load_distill_loss(config, tiny_pipeline)
     frozen = {"text": text_encoder.params, "loss": loss_vars}
 
@@ -355,7 +313,7 @@ def toy(tiny_pipeline, text_encoder):
         dc = config.disc.copy_and_resolve_references()
         for k, v in disc_overrides.items():
             dc[k] = v
-        _, opt = _state(gp, dp, t, dc)
+        _, opt = make_state(gp, dp, t, dc)
         return make_stage2_step(gen, disc, text_encoder, loss_fn, t, dc, *opt, distill_weight=1.0, gan_weight=0.25,
                                 update=update)  # fmt: skip
 
@@ -448,7 +406,7 @@ def test_stage2_trainer_step_reads_update_and_r1_groups(toy):
     c = toy.config.copy_and_resolve_references()
     c.stage2.update_order = "alternating"
     c.disc.r1_scope, c.disc.r1_groups = "device", 0
-    tx, lr_fn, dtx, dlr_fn = _state(toy.gp, toy.dp, toy.t, c.disc)[1]
+    tx, lr_fn, dtx, dlr_fn = make_state(toy.gp, toy.dp, toy.t, c.disc)[1]
     fake = types.SimpleNamespace(config=c, gen=toy.gen, disc=toy.disc, text=toy.text, loss_fn=toy.loss_fn, t=toy.t,
                                  tx=tx, lr_fn=lr_fn, dtx=dtx, dlr_fn=dlr_fn,
                                  mesh=types.SimpleNamespace(devices=np.empty((2, 1), object)))  # fmt: skip
