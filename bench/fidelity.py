@@ -42,10 +42,14 @@ if REPO not in sys.path:  # run as `python bench/fidelity.py` from anywhere
 STUDENT = "student, 1 step (export)"
 METRICS = (("fd", "FD ↓", "{:.2f}"), ("prompt_acc", "prompt acc ↑", "{:.3f}"),
            ("fd_precision", "precision", "{:.3f}"), ("fd_recall", "recall", "{:.3f}"),
-           ("teacher_dist", "dist. to teacher ↓", "{:.4f}"), ("train_img_per_s", "train img/s", "{:.0f}"))  # fmt: skip
+           ("teacher_dist", "dist. to teacher ↓", "{:.4f}"), ("train_img_per_s", "train img/s", "{:.0f}"),
+           ("d_acc", "D held-out acc", "{:.3f}"), ("gan_grad_ratio", "‖∇G GAN‖/‖∇G distil‖", "{:.3f}"))  # fmt: skip
 
 # Sizes (2 CPU cores; BENCHMARKS.md): stage-1 rows S1 steps, stage-2 rows S2 steps, both at configs/mnist.py's batch 64.
 S1, S2 = 300, 100
+# Table 2 at the budget where stage 2 acts (issue 20, FIDELITY.md "Stage 2 that acts"): S2B stage-2 steps, D as
+# configs/mnist.py sets it now; D's held-out accuracy read every S2B // 5 steps (the row's last value is shown).
+S2B = 500
 BASE_STEPS = 1000  # the Table-2 generator: configs/mnist.py's stage 1 exactly (1,000 steps of E-LatentLPIPS*)
 
 PLAIN_D = {"disc.z_cond": False, "disc.r1_gamma": 0.0, "disc.multiscale_in": False, "disc.multiscale_out": False,
@@ -100,6 +104,15 @@ def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
                     add("t2", name, label, s, over, "stage2")
     for name, label, over in T1X:
         add("t1x", name, label, seeds[0], over, "stage1")
+    # Table 2 at S2B steps: control and full on every seed first, then the ablation rows on the first two seeds.
+    for s in seeds:
+        for name, label, over in T2:
+            if name in ("control", "full"):
+                add("t2b", name, label, s, over, "stage2b")
+    for s in seeds[:2]:
+        for name, label, over in T2:
+            if name not in ("control", "full"):
+                add("t2b", name, label, s, over, "stage2b")
     for s in seeds:
         for name, label, over in OPEN:
             add("open", name, label, s, over, "stage2")
@@ -119,8 +132,11 @@ def command(row: dict, root: str, base: str) -> list[str]:
     elif row["kind"] == "base":
         over = {"train.num_steps": BASE_STEPS, "train.ckpt_every": BASE_STEPS, "stage2.num_steps": 0}
     else:
+        n2 = S2B if row["kind"] == "stage2b" else S2
         over = {"stage2.init_from": base or os.path.join(root, "rows", "t2_base_s0"), "train.num_steps": BASE_STEPS,
-                "stage2.num_steps": S2, "stage2.ckpt_every": S2}  # fmt: skip
+                "stage2.num_steps": n2, "stage2.ckpt_every": n2}  # fmt: skip
+        if row["kind"] == "stage2b":  # D's held-out accuracy in stage2/metrics.jsonl
+            over["stage2.eval_every"] = S2B // 5
     over.update(row["over"])
     return args + [f"--config.{k}={fmt_value(v)}" for k, v in over.items()]
 
@@ -219,7 +235,7 @@ def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
     stage = "stage1" if row["kind"] in ("stage1", "base") else "stage2"
     batch = 64
     rate = train_rate(log, stage)
-    metrics = {**report, "train_img_per_s": rate * batch if rate else None}
+    metrics = {**report, "train_img_per_s": rate * batch if rate else None, **stage2_log(wd)}
     result = {**row, "cmd": " ".join(["python"] + cmd[1:]).replace(root, "$ROOT"), "wall_s": wall,
               "version": git_version(), "metrics": metrics}  # fmt: skip
     with open(done + ".tmp", "w") as f:
@@ -227,6 +243,23 @@ def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
     os.replace(done + ".tmp", done)
     print(f"  done in {wall:.0f} s: FD {report['fd']:.2f}, prompt acc {report['prompt_acc']:.3f}", flush=True)
     return result
+
+
+def stage2_log(wd: str) -> dict:
+    """From `<wd>/stage2/metrics.jsonl`: D's last held-out accuracy (`d_acc`, with its history `d_acc_steps`) and
+    the mean ratio of G's GAN-gradient norm to its distillation-gradient norm over the logged steps."""
+    path = os.path.join(wd, "stage2", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    recs = [json.loads(ln) for ln in open(path) if ln.strip()]
+    acc = [(r["step"], r["eval/d_acc"]) for r in recs if "eval/d_acc" in r]
+    ratio = [r["gan_grad_ratio"] for r in recs if "gan_grad_ratio" in r]
+    out = {}
+    if acc:
+        out.update(d_acc=acc[-1][1], d_acc_steps=acc)
+    if ratio:
+        out["gan_grad_ratio"] = sum(ratio) / len(ratio)
+    return out
 
 
 def ensure_pairs(root: str) -> None:
@@ -325,6 +358,11 @@ def tables(root: str) -> str:
     t2 = [("base", f"stage-1 base ({BASE_STEPS} steps)")] + [(n, lab) for n, lab, _ in T2]
     parts += ["", table(res, "t2", t2, f"Table 2 analogue: stage 2, {S2} steps × batch 64 from one stage-1 generator")]
     parts += ["", comparisons(res, [(("t2", "full"), ("t2", "control"), "full stage 2 vs control")])]
+    parts += ["", table(res, "t2b", t2, f"Table 2 analogue at {S2B} stage-2 steps × batch 64 (D as configs/mnist.py "
+                                        "sets it now), from one stage-1 generator")]  # fmt: skip
+    parts += ["", comparisons(res, [(("t2b", "full"), ("t2b", "control"), f"full stage 2 vs control, {S2B} steps")]
+                  + [(("t2b", n), ("t2b", "control"), f"{lab} vs control, {S2B} steps") for n, lab, _ in T2
+                     if n not in ("control", "full")])]  # fmt: skip
     op = [("full", "default (full stage 2)")] + [(n, lab) for n, lab, _ in OPEN]
     res_open = dict(res)
     if ("t2", "full") in res:
@@ -441,7 +479,8 @@ def grids(root: str, seed: int = 0, num: int = 16) -> list[str]:
     z = noise_for_seeds([2024 + i for i in range(num)], (8, 8, 4))
     out, top = [], None
     os.makedirs(os.path.join(root, "grids"), exist_ok=True)
-    for tid, order in (("t1", T1 + [(n, lab) for n, lab, _ in T1X]), ("t2", [(n, lab) for n, lab, _ in T2]),
+    t2_order = [(n, lab) for n, lab, _ in T2]
+    for tid, order in (("t1", T1 + [(n, lab) for n, lab, _ in T1X]), ("t2", t2_order), ("t2b", t2_order),
                        ("open", [(n, lab) for n, lab, _ in OPEN])):  # fmt: skip
         strips, labels = [], []
         for name, label in order:
@@ -485,7 +524,7 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/d2g_fidelity")
     ap.add_argument("--base", default="", help="a finished configs/mnist.py workdir whose stage 1 is the Table-2 "
                     f"generator (its stage 1 must be {BASE_STEPS} steps); default: the study makes it (row t2_base_s0)")
-    ap.add_argument("--only", default="", help="comma-separated subset of t1, t1x, t2, open, fig5")
+    ap.add_argument("--only", default="", help="comma-separated subset of t1, t1x, t2, t2b, open, fig5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tables", action="store_true", help="only print/write the tables of the finished rows")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")

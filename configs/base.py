@@ -10,7 +10,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Which phase to run: "all" runs pairs → train (stage 1, then stage 2) → export, each resuming where it stopped;
-    # "pairs", "train" or "export" runs that phase alone; "sample" and "eval" use the exported generator.
+    # "pairs", "train" or "export" runs that phase alone; "sample" and "eval" use the exported generator
+    # ("serve": on a local demo page);
+    # "verify" checks the workdir's checkpoints, export and pair shards against their digests/checksums, prints a
+    # table (verified / unverified / damaged) and exits non-zero on damage (writes nothing; run it before copying).
     c.mode = "all"
     c.seed = 0  # global seed: pair i's noise is fold_in(PRNGKey(seed), i), so any pair can be regenerated
 
@@ -120,6 +123,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.r1_gamma = 0.01  # Table A1: single-sample R1 strength (SDXL: none → 0); 0 = off
     c.disc.r1_interval = 16  # Table A1: lazy R1 every 16 D steps (γ scaled by the interval)
     c.disc.r1_samples = 1  # R1 on this many real examples of each batch (1 = the paper's single-sample R1)
+    # Which steps run the lazy R1: those with step % r1_interval == r1_offset (0 = step 0, 16, 32, …: the first D
+    # step is an R1 step). Paper: unstated. FIDELITY.md (D probe) measures both.
+    c.disc.r1_offset = 0
+    # The per-sample score R1 differentiates (paper: unstated; the loss is "computed independently at each location"):
+    # "sum" = StyleGAN2's logits.sum() over a sample's L output locations (a map's penalty grows with L²: the behaviour
+    # before issue 20), "mean" = the mean over the locations, the scale the GAN loss itself averages.
+    # Default "mean" (FIDELITY.md, the D probe): with "sum", D never learns on the MNIST world even with G frozen
+    # (held-out accuracy 0.56 after 500 steps; R1 off: 0.99). Each R1 step's gradient is ~100× the GAN loss's and
+    # lands in the Adam moments D shares with it: √ν jumps to 0.025 at step 0 and stays (β₂ 0.999), ~85× the GAN
+    # gradient's RMS, so every later D step is ~85× too small. Skipping step 0 does not cure it (0.70 at 500).
+    # With "mean", R1 stays at the loss's scale and D learns (0.96 at 200, R1 on). The L² factor grows with the
+    # latent: 64×64 SD maps would be hit far harder than the world's 8×8.
+    c.disc.r1_reduce = "mean"
+    # How the U-Net's ε-output enters the GAN loss as a read-out (paper: "the adversarial loss is computed
+    # independently at each location of the U-Net discriminator output"; the channels are unstated):
+    # "elements" = each of its C channels at each location a logit (the old behaviour), "channel_mean" = one logit
+    # per location (the channel mean, like the multi-scale heads), "off" = the multi-scale heads alone.
+    c.disc.eps_map = "elements"
     # Whose batch r1_samples counts in: "batch" = the global batch (r1_samples rows in all); "device" = each
     # data-parallel slice, as the paper's "one sample of each mini-batch" on 16-64 GPUs reads (r1_samples × slices).
     # Default "batch" (single-device runs: one sample); configs/sd15*.py use "device": the paper applies R1 "only to a
@@ -133,7 +154,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.disc.noise_aug = False  # Table A1 "noise augment before D" (SDXL: True): x_t = α_t x + σ_t ε, t random
     c.disc.noise_aug_t_min = 0  # timestep range of that noise (paper: unstated; UFOGen samples the whole schedule)
     c.disc.noise_aug_t_max = 999
-    c.disc.timestep = 0  # D's timestep when noise_aug is off (D sees clean latents)
+    # D's timestep when noise_aug is off (D sees clean latents; paper: unstated for SD). At t = 0 the U-Net's
+    # ε-output is ~1/σ₀ ≈ 34× as sensitive to its input as at t ~ 500: configs/mnist.py uses 500 (FIDELITY.md).
+    c.disc.timestep = 0
     c.disc.remat = ""  # "" = config.train.remat
     c.disc.lr = 1e-4  # Table A1: D learning rate 1e-4 → 1e-5
     c.disc.lr_end = 1e-5
@@ -187,6 +210,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.out_dir = ""  # "" = <workdir>/samples/step_<N>
     c.sample.grid_columns = 8
     c.sample.dtype = ""  # U-Net/text compute dtype ("" = teacher.dtype); the VAE decodes in float32
+
+    # The local demo page (--config.mode=serve; d2g_jax/serve.py): the student of `sample.unet` (or the latest
+    # export) with `sample.dtype`, and the teacher on the same noise (pairs.num_steps DDIM steps, CFG
+    # pairs.guidance_scale).
+    c.serve = ml_collections.ConfigDict()
+    c.serve.host = "127.0.0.1"  # localhost only; "0.0.0.0" (or an interface's address) opens it to the network
+    c.serve.port = 8000  # 0 = any free port (the log names it)
+    c.serve.max_images = 8  # images per request; batch sizes 1, 2, 4, … up to it are compiled at start-up
+    c.serve.teacher = True  # load the teacher for the page's "teacher on the same noise" toggle
+    c.serve.queue = 64  # requests waiting per model before the server answers 503 (busy)
 
     # Evaluation with the paper's protocol (--config.mode=eval; d2g_jax/eval/; §4 "Evaluation protocols").
     # Defaults: FID-30k / CLIP-30k / P&R-10k on COCO2014 val (Tables 1-3). COCO2017 (Tables 4-5): num_images 5000,

@@ -45,6 +45,10 @@ def get_config():
     c.stage2.sample_every = 100
     c.stage2.ckpt_every = 100
     c.disc.lr = 2e-4
+    # D reads clean latents at timestep 500, not 0 (paper: unstated for SD). Probe with G training, R1 on the mean
+    # score (FIDELITY.md, the D probe, seed 0): D's held-out accuracy over steps 100-500 averaged 0.88 (min 0.67) at
+    # t = 500 vs 0.75 (min 0.50, back at chance for ~100 steps after an R1 spike) at t = 0.
+    c.disc.timestep = 500
     c.loss.encoder = "mnist"  # the world's LatentLPIPS files: mnist_latent_vgg16.pth.tar, mnist_latest_vgg16_tuned.pth
     c.loss.kind = "e_latent_lpips_star"  # SD-CFG-3's E-LatentLPIPS* (bg + cutout) with the world's LatentVGG
     c.eval.prompt_field = "caption"

@@ -8,6 +8,10 @@ no data loader, no optimiser state is built or read. `export.json` is the comple
 after the weights; every host waits at a barrier until it exists, so sample/eval on any host find a complete folder.
 A step folder that holds another run's export (its `export.json` names another run or teacher) is refused, never
 skipped or overwritten.
+
+`export.json` also holds the sha256 of every exported file (`digests`, train/integrity.py); `verify_export` checks
+them before the export is used (sample, eval, report, an export found on a rerun) and refuses a changed file by name
+with the fix. An export without digests (older runs) is used with a one-line warning.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from d2g_jax.models.unet_config import UNetConfig
 from d2g_jax.models.weights import read_config
 from d2g_jax.sampling import DDIMSchedule, _vae_scale_factor, pipeline_fingerprint
 from d2g_jax.train import checkpoint as ckpt
+from d2g_jax.train import integrity
 from d2g_jax.train.generator import Generator
 
 
@@ -98,11 +103,13 @@ def export_generator(config: ml_collections.ConfigDict, workdir: str, teacher_fo
             shutil.rmtree(unet_dir)
         os.makedirs(out, exist_ok=True)
         save_unet(unet_dir, unet_cfg, {"params": ema}, dtype=jnp.dtype(config.export.dtype))
+        exported = [os.path.join("unet", f) for f in integrity.tree_files(unet_dir)]
+        digests = {"algorithm": integrity.ALGORITHM, "files": integrity.digest_files(out, exported)}
         eps_pred = gen.schedule.prediction_type == "epsilon"
         x0 = "(z - sigma_T * eps) / alpha_T" if eps_pred else "alpha_T * z - sigma_T * v"
         info = {"step": int(step), "stage": stage, "teacher": os.path.abspath(teacher_folder), **identity,
                 "timestep": gen.t, "alpha_T": gen.alpha_sigma[0], "sigma_T": gen.alpha_sigma[1],
-                "prediction_type": gen.schedule.prediction_type, "x0": x0}  # fmt: skip
+                "prediction_type": gen.schedule.prediction_type, "x0": x0, "digests": digests}  # fmt: skip
         files.atomic_write_json(info_path, info)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("d2g_jax: export written")
@@ -123,6 +130,7 @@ def _existing_export(config: ml_collections.ConfigDict, workdir: str, step: int,
             raise ExportError(f"{out}: holds another run's export ({info_path}: run {theirs['run']}, stage "
                               f"{old.get('stage')}; this run is {identity['run']}, {stage}). Set config.export.dir "
                               "to a folder of this run, or move that export away.")  # fmt: skip
+        verify_export(os.path.join(out, "unet"))
         logging.info("export: %s already holds this run's step %d", out, step)
         return os.path.join(out, "unet")
     if os.path.isdir(out) and jax.process_index() == 0:
@@ -131,3 +139,38 @@ def _existing_export(config: ml_collections.ConfigDict, workdir: str, step: int,
             raise ExportError(f"{out}: exists and holds {leftovers} but no {wd.EXPORT_INFO}: not an export of this "
                               "run. Set config.export.dir to another folder, or move it away.")  # fmt: skip
     return None
+
+
+def verify_export(unet_dir: str) -> str | None:
+    """Checks an exported `unet/` folder against the digests in its `export.json`: `"verified"`, `"unverified"` (an
+    export written before digests were recorded: used, with a warning), None for a folder that is not an export
+    (no `export.json`: e.g. a teacher's own `unet/`); `ExportError` naming a changed, missing or added file."""
+    step_dir = os.path.dirname(os.path.abspath(unet_dir))
+    info_path = os.path.join(step_dir, wd.EXPORT_INFO)
+    if not os.path.isfile(info_path):
+        return None
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{info_path}: unreadable ({e}); delete {step_dir} and rerun --config.mode=export to "
+                          "write it again from the checkpoint.") from None  # fmt: skip
+    digests = info.get("digests")
+    if not digests:
+        logging.warning("export %s: its %s records no digests (an export older than them): using it unverified",
+                        step_dir, wd.EXPORT_INFO)  # fmt: skip
+        return integrity.UNVERIFIED
+    table = digests.get("files", {})
+    try:
+        if digests.get("algorithm") != integrity.ALGORITHM:
+            raise integrity.IntegrityError(f"{info_path}: digests are {digests.get('algorithm')}, this code checks "
+                                           f"{integrity.ALGORITHM}", info_path)  # fmt: skip
+        integrity.check_files(step_dir, table)
+        extra = sorted(f for f in (os.path.join("unet", x) for x in integrity.tree_files(unet_dir)) if f not in table)
+        if extra:
+            raise integrity.IntegrityError(f"{os.path.join(step_dir, extra[0])}: not in {wd.EXPORT_INFO}'s digests "
+                                           "(added after the export)", os.path.join(step_dir, extra[0]))  # fmt: skip
+    except integrity.IntegrityError as e:
+        raise ExportError(f"export {step_dir} is damaged: {e}. Delete {step_dir} (or copy an intact export "
+                          "back) and rerun --config.mode=export to write it again from the checkpoint.") from None
+    return integrity.VERIFIED

@@ -4,8 +4,9 @@ and eval/ together; nothing below imports it (docs/ARCHITECTURE.md).
 
 Each phase is resumable: rerunning the same command skips what is complete and continues what is not.
 `config.mode` selects one phase ("pairs", "train" = both stages, "export") or all of them in order ("all");
-"sample" and "eval" use the exported generator afterwards. `validate(config)` runs first: a config error of any
-phase the mode will run stops the job before anything is written.
+"sample" and "eval" use the exported generator afterwards; "verify" checks a workdir's files (`run_verify`).
+`validate(config)` runs first: a config error of any phase the mode will run stops the job before anything is
+written.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from d2g_jax import workdir as wd
 from d2g_jax.data.pairs_writer import generate_pairs, read_manifest
 from d2g_jax.data.prompts import read_prompts
 from d2g_jax.eval.evaluate import Evaluator, ImageFolder, eval_extra, parse_metrics, write_results
-from d2g_jax.export import export_generator
+from d2g_jax.export import ExportError, export_generator, verify_export
 from d2g_jax.generate import OneStepSampler, check_out_dir, sample_prompts, write_samples
 from d2g_jax.sampling import Teacher
 from d2g_jax.train.stage2_trainer import Stage2Trainer
@@ -181,11 +182,13 @@ def generator_unet(config: ml_collections.ConfigDict, workdir: str, field: str =
         if not os.path.isfile(os.path.join(explicit, "config.json")):
             raise FileNotFoundError(f"config.{field}={explicit}: no config.json there; expected a diffusers U-Net "
                                     "folder such as <workdir>/export/step_<N>/unet.")  # fmt: skip
+        verify_export(explicit)  # an export of ours (export.json next to it): its files' digests
         return explicit
     found = wd.latest_export(wd.export_root(config, workdir))
     if found is None:
         logging.info("no export yet: exporting the latest checkpoint first")
-        found = run_export(config, workdir)
+        return run_export(config, workdir)
+    verify_export(found)
     return found
 
 
@@ -238,6 +241,26 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     logging.info("sample: %d images → %s (%.2f images/s one-step after compile, batch %d on %d devices)",
                  len(prompts), out, summary["images_per_s"], batch, mesh.size)  # fmt: skip
     return out
+
+
+def run_serve(config: ml_collections.ConfigDict, workdir: str, t0: float | None = None) -> None:
+    """`--config.mode=serve`: the demo page for the student of `sample.unet` (or the latest export) with its teacher
+    on the same noise, on http://<serve.host>:<serve.port>/ until Ctrl-C (d2g_jax/serve.py)."""
+    from d2g_jax import serve
+
+    if jax.process_count() > 1:
+        raise ValueError("config.mode=serve runs on one host (one process); start it without jax.distributed.")
+    s = config.serve
+    teacher = wd.teacher_path(config, workdir)
+    unet_dir = generator_unet(config, workdir)
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+    teacher_ode = (float(config.pairs.guidance_scale), int(config.pairs.num_steps)) if s.teacher else None
+    engine = serve.load_engine(teacher, unet_dir, resolution=int(config.pairs.resolution),
+                               max_images=int(s.max_images), mesh=mesh,
+                               dtype=config.sample.dtype or config.teacher.dtype, teacher_ode=teacher_ode,
+                               max_queue=int(s.queue))  # fmt: skip
+    logging.info("serve: student %s, teacher %s", unet_dir, teacher)
+    serve.serve(engine, str(s.host).strip(), int(s.port), t_start=t0)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -293,6 +316,79 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     path = write_results(workdir, tag, step, results, extra)
     logging.info("eval %s: %s → %s", tag, _metrics_line(results), path)
     return results
+
+
+class VerifyError(RuntimeError):
+    """`--config.mode=verify` found damaged files."""
+
+
+def run_verify(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, str]]:
+    """`--config.mode=verify`: checks every checkpoint of both stages against its digest record, every export
+    against the digests in its `export.json` and every pair shard record by record (its CRC-32s), and prints one
+    table (verified / unverified = no record, an older run / damaged, with the file). Writes nothing. Raises
+    `VerifyError` (exit status 1) naming each damaged item; returns the rows otherwise."""
+    from d2g_jax.data.pairs_writer import PairsError, verify_shard
+    from d2g_jax.train import integrity
+
+    rows: list[dict[str, str]] = []
+
+    def row(what: str, path: str, status: str, detail: str = "") -> None:
+        rows.append({"what": what, "path": path, "status": status, "detail": detail})
+
+    for stage in wd.STAGES:
+        ck = wd.checkpoints_dir(workdir, stage)
+        names = sorted(os.listdir(ck)) if os.path.isdir(ck) else []
+        for name in sorted((n for n in names if n.isdigit()), key=int):
+            folder = os.path.join(ck, name)
+            try:
+                status = integrity.check_folder(folder)
+                row(f"{stage} checkpoint {name}", folder, status, "" if status == integrity.VERIFIED else
+                    "no digest record (older run, or killed between save and record)")  # fmt: skip
+            except integrity.IntegrityError as e:
+                row(f"{stage} checkpoint {name}", folder, integrity.DAMAGED, str(e))
+        for name in (n for n in names if ".corrupt-" in n):
+            row(f"{stage} checkpoint {name.split('.')[0]}", os.path.join(ck, name), "set aside",
+                "moved aside by a restore; not used")  # fmt: skip
+    root = wd.export_root(config, workdir)
+    for step_dir in sorted(d for d in (os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else []))
+                           if os.path.basename(d).startswith("step_")):  # fmt: skip
+        what = f"export {os.path.basename(step_dir)}"
+        if not os.path.isfile(os.path.join(step_dir, wd.EXPORT_INFO)):
+            row(what, step_dir, "incomplete", f"no {wd.EXPORT_INFO} (an export killed half-way; rerun export)")
+            continue
+        try:
+            status = verify_export(os.path.join(step_dir, "unet"))
+            row(what, step_dir, status, "" if status == integrity.VERIFIED else f"{wd.EXPORT_INFO} has no digests")
+        except ExportError as e:
+            row(what, step_dir, integrity.DAMAGED, str(e))
+    pdir = wd.pairs_dir(config, workdir)
+    try:
+        manifest = read_manifest(pdir)
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest is damage
+        manifest = None
+        row("pairs manifest", pdir, integrity.DAMAGED, str(e))
+    for shard in (manifest or {}).get("shards", []):
+        path = os.path.join(pdir, shard["file"])
+        what = f"pairs {shard['file']}"
+        if not os.path.isfile(path):
+            row(what, path, integrity.DAMAGED if manifest.get("complete") else "incomplete",
+                "missing" + ("" if manifest.get("complete") else " (not generated yet)"))  # fmt: skip
+            continue
+        try:
+            verify_shard(path, int(shard["start"]), int(shard["end"]), manifest["run_id"], full=True)
+            row(what, path, integrity.VERIFIED, f"{int(shard['end']) - int(shard['start'])} records, CRC-32 each")
+        except PairsError as e:
+            row(what, path, integrity.DAMAGED, str(e))
+    damaged = [r for r in rows if r["status"] == integrity.DAMAGED]
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    width = max([len(r["what"]) for r in rows] + [4])
+    lines = [f"verify {workdir}: " + (", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to verify")]
+    lines += [f"  {r['what']:<{width}}  {r['status']:<10}  {r['detail'] or r['path']}" for r in rows]
+    logging.info("%s", "\n".join(lines))
+    if damaged:
+        raise VerifyError(f"verify: {len(damaged)} damaged in {workdir}: "
+                          + "; ".join(f"{r['what']}: {r['detail']}" for r in damaged))  # fmt: skip
+    return rows
 
 
 REPORT_COLUMNS = (("fd", "FD ↓", "{:.2f}"), ("fd_precision", "precision", "{:.3f}"), ("fd_recall", "recall", "{:.3f}"),
@@ -379,8 +475,11 @@ def _metrics_line(results: dict[str, Any]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, config_file: str = "") -> None:
-    """Runs `config.mode` ("all", one phase, or a use mode) in `workdir`."""
+    """Runs `config.mode` ("all", one phase, a use mode, or verify) in `workdir`."""
     validate(config, workdir)
+    if config.mode == "verify":  # reads the workdir only: no world, nothing written
+        run_verify(config, workdir)
+        return
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     if config.world.provider:
@@ -394,6 +493,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, config_file: str = "") 
     if mode == "eval":
         run_eval(config, workdir)
         _summary(config, workdir, config_file, t0)
+        return
+    if mode == "serve":
+        run_serve(config, workdir, t0)
         return
     if mode in ("all", "pairs"):
         logging.info("=== pairs: teacher ODE (%d DDIM steps, CFG %g) → %s", int(config.pairs.num_steps),

@@ -6,7 +6,8 @@ a rule (the discriminator's R1/noise ranges and mix-and-match plan, the learning
 the augmentation presets, the eval metric names) its own checker is called, so the rule is written once.
 
 Phases a mode runs: all = pairs + train (+ stage 2 when `stage2.num_steps > 0`) + export (+ the periodic
-evaluation when `eval.every > 0`); pairs; train; export; sample; eval. Fields a world provider fills
+evaluation when `eval.every > 0`); pairs; train; export; sample; eval; verify (reads an existing workdir only:
+no teacher, no phase rules). Fields a world provider fills
 (`config.world.provider`: teacher.path, prompts, eval.real, …) are checked after it has filled them.
 """
 
@@ -19,8 +20,9 @@ import jax
 import ml_collections
 
 PHASES = ("pairs", "train", "export")  # in order; "all" runs each
-USE_PHASES = ("sample", "eval")  # use the exported generator; never part of "all"
-MODES = ("all",) + PHASES + USE_PHASES
+USE_PHASES = ("sample", "eval", "serve")  # use the exported generator; never part of "all"
+CHECK_MODES = ("verify",)  # checks a workdir's files (checkpoints, export, pairs) against their digests; writes nothing
+MODES = ("all",) + PHASES + USE_PHASES + CHECK_MODES
 DTYPES = ("float32", "bfloat16", "float16")
 # Filled by a world provider when empty (d2g_jax/world/mnist.py); checked once it has run.
 WORLD_FIELDS = ("teacher.path", "pairs.prompts", "eval.prompts", "eval.real", "eval.classifier", "loss.ckpt_dir",
@@ -124,6 +126,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str = "") -> tuple[str,
         raise ConfigError("--workdir is required (the run's directory: pairs, checkpoints, exports).")
     r = _Rules(config, pending_world=bool(config.world.provider) and not _world_resolved(config))
     todo = phases(config)
+    if todo == ("verify",):
+        if not os.path.isdir(workdir):
+            r.fail(f"--workdir={workdir}: no such folder; --config.mode=verify checks an existing run's workdir.")
+        return todo
     _common(r)
     _teacher(r)
     if "pairs" in todo:
@@ -137,6 +143,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str = "") -> tuple[str,
         r.choice("export.dtype", DTYPES)
     if "sample" in todo:
         _sample(r)
+    if "serve" in todo:
+        _serve(r)
     if "eval" in todo or "periodic_eval" in todo or "report" in todo:
         _eval(r, periodic="periodic_eval" in todo and "eval" not in todo and "report" not in todo)
     if "report" in todo:
@@ -381,6 +389,22 @@ def _sample(r: _Rules) -> None:
     if s.out_dir and os.path.isdir(s.out_dir) and os.listdir(s.out_dir):
         r.fail(f"config.sample.out_dir={s.out_dir}: exists and is not empty; give a new or empty folder (nothing in "
                "an existing one is overwritten).")  # fmt: skip
+
+
+def _serve(r: _Rules) -> None:
+    s = r.c.serve
+    if not isinstance(s.host, str) or not s.host.strip() or any(ch in s.host for ch in "/ "):
+        r.fail(f"config.serve.host={s.host!r} must be an address to bind: 127.0.0.1 (localhost, the default), "
+               "0.0.0.0 (every interface) or one interface's address.")  # fmt: skip
+    r.int_("serve.port", 0, 65535, what=" (0 = any free port)")
+    r.int_("serve.max_images", 1, 64, what=" (images per request; each batch size up to it is compiled)")
+    r.int_("serve.queue", 1, 4096)
+    if not isinstance(s.teacher, bool):
+        r.fail(f"config.serve.teacher={s.teacher!r} must be True or False.")
+    r.dtype("sample.dtype", allow_empty=True)
+    if r.c.sample.unet and not os.path.isfile(os.path.join(r.c.sample.unet, "config.json")):
+        r.fail(f"config.sample.unet={r.c.sample.unet}: no config.json there; expected a diffusers U-Net folder such "
+               "as <workdir>/export/step_<N>/unet.")  # fmt: skip
 
 
 def _eval(r: _Rules, periodic: bool) -> None:

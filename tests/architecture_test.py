@@ -18,6 +18,7 @@ LAYERS = (
     ("train",),
     ("export", "generate"),
     ("eval",),
+    ("serve",),  # the demo server (uses generate; imported by the pipeline's serve mode)
     ("validate",),
     ("pipeline",),
     ("main",),

@@ -2,10 +2,18 @@
 previous one resumed; a refused value leaves no run.json, so the corrected command runs; a NaN stop names the
 command that continues with a lower learning rate (`resume_changes`), which then resumes from the last good step; a
 failed checkpoint save stops the run at that step with the cause last; metrics.jsonl keeps each step once after a
-resume; a damaged shard record is found by `pairs.verify=full` with the shard to delete."""
+resume; a damaged shard record is found by `pairs.verify=full` with the shard to delete.
+
+Changed bytes (issue 24): a checkpoint whose data chunk changed after it was written (stage 1 and stage 2) fails its
+digest record, is moved aside and the run walks back and continues bit-identically to the uninterrupted run; the
+only checkpoint damaged is refused naming the file; a damaged export is refused by sample naming the file; a
+checkpoint without a record (older runs, a kill between commit and record) is restored with a warning;
+`--config.mode=verify` prints the table and fails on damage; a NaN soon after an unverified restore names the
+checkpoint and the verify command first."""
 
 import glob
 import json
+import logging as std_logging
 import os
 import shutil
 
@@ -15,7 +23,9 @@ import pytest
 from configs import tiny
 from d2g_jax import pipeline
 from d2g_jax.data.pairs_writer import PairsError
+from d2g_jax.export import ExportError
 from d2g_jax.train import checkpoint as ckpt
+from d2g_jax.train import integrity
 from d2g_jax.train.trainer import NonFiniteError, Trainer
 from d2g_jax.validate import ConfigError
 
@@ -214,3 +224,199 @@ def test_pairs_verify_full_finds_a_damaged_record(finished, tmp_path):
     with pytest.raises(PairsError, match=rf"{name}: record 3 is damaged.*Delete .*{name}"):
         pipeline.run(c, wd)
     assert os.path.isfile(shard)  # named, not deleted: the user deletes it
+
+
+# --- changed bytes (issue 24) ---
+
+
+def _flip(ck, n=4096):
+    """Flips `n` bytes in the middle of the largest data file of a checkpoint (what a failing disk or a bad copy
+    leaves: Orbax still reads it, as valid-looking floats). Returns the file."""
+    f = max(glob.glob(os.path.join(ck, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+    with open(f, "r+b") as fh:
+        size = os.path.getsize(f)
+        n = min(n, size // 2)
+        fh.seek(size // 2 - n // 2)
+        data = fh.read(n)
+        fh.seek(size // 2 - n // 2)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    return f
+
+
+def _state_leaves(ck):
+    import orbax.checkpoint as ocp
+
+    return jax.tree.leaves(ocp.StandardCheckpointer().restore(os.path.join(ck, "state")))
+
+
+def _assert_same_checkpoint(a, b):
+    import numpy as np
+
+    for x, y in zip(_state_leaves(a), _state_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_records_are_written_after_each_save(finished):
+    for step in ("2", "4"):
+        folder = os.path.join(finished, "stage1", "checkpoints", step)
+        record = json.load(open(os.path.join(folder, integrity.RECORD)))
+        assert record["step"] == int(step) and set(record["files"]) == set(integrity.tree_files(folder))
+        assert integrity.check_folder(folder) == integrity.VERIFIED
+    info = json.load(open(os.path.join(finished, "export", "step_00000004", "export.json")))
+    assert "unet/diffusion_pytorch_model.safetensors" in info["digests"]["files"]
+
+
+def test_changed_bytes_walk_back_and_continue_bit_identically(finished, tmp_path, caplog):
+    """The issue's scenario: bytes changed inside a data chunk of the newest checkpoint, then the run continued.
+    The digest check names the file, moves the step aside, walks back to step 2, and the replayed steps end
+    bit-identical to the uninterrupted run (its checkpoint 4 and metrics)."""
+    wd = _copy(finished, tmp_path)
+    cks = os.path.join(wd, "stage1", "checkpoints")
+    bad = _flip(os.path.join(cks, "4"))
+    pipeline.run(_config(), wd)
+    names = sorted(os.listdir(cks))
+    assert names[:2] == ["2", "4"] and names[2].startswith("4.corrupt-") and len(names) == 3
+    lines = [r.getMessage() for r in caplog.records if "unreadable (damaged" in r.getMessage()]
+    assert len(lines) == 1 and os.path.basename(bad) in lines[0] and "its bytes changed" in lines[0], lines
+    assert "walking back" in lines[0]
+    _assert_same_checkpoint(os.path.join(cks, "4"), os.path.join(finished, "stage1", "checkpoints", "4"))
+    assert open(os.path.join(wd, "stage1", "metrics.jsonl")).read() == open(
+        os.path.join(finished, "stage1", "metrics.jsonl")).read()  # fmt: skip
+    assert integrity.check_folder(os.path.join(cks, "4")) == integrity.VERIFIED  # the new step 4 has its record
+
+
+def test_damaged_only_checkpoint_is_refused_naming_the_file(finished, tmp_path):
+    wd = _copy(finished, tmp_path)
+    cks = os.path.join(wd, "stage1", "checkpoints")
+    shutil.rmtree(os.path.join(cks, "4"))
+    bad = os.path.basename(_flip(os.path.join(cks, "2")))
+    with pytest.raises(ckpt.CheckpointError, match=rf"no readable checkpoint.*step 2 \(damaged: .*{bad}: its bytes "
+                                                   "changed.*Copy an intact checkpoint back"):  # fmt: skip
+        _trainer(wd).restore_or_init()
+    assert [n.startswith("2.corrupt-") for n in os.listdir(cks)] == [True]  # moved aside, never deleted
+
+
+def test_checkpoint_without_record_is_restored_with_a_warning(finished, tmp_path, caplog):
+    wd = _copy(finished, tmp_path)
+    folder = os.path.join(wd, "stage1", "checkpoints", "4")
+    os.remove(os.path.join(folder, integrity.RECORD))  # a run older than the records
+    tr = _trainer(wd)
+    assert int(jax.device_get(tr.restore_or_init().step)) == 4
+    assert [r for r in caplog.records if "has no digest record" in r.getMessage() and "/4 " in r.getMessage()]
+    tr.mgr.close()
+
+
+def test_a_kill_between_commit_and_record_leaves_a_restorable_run(finished, tmp_path, monkeypatch, caplog):
+    """The record is written after Orbax's commit, atomically: a kill half-way through it leaves a committed step,
+    a partial temporary file and no record; that step is restored (unverified), the temporary file is ignored."""
+    wd = _copy(finished, tmp_path)
+    cks = os.path.join(wd, "stage1", "checkpoints")
+    shutil.rmtree(os.path.join(cks, "4"))
+    real = integrity.files.atomic_write_json
+
+    def killed(path, obj, **kw):
+        if os.path.isdir(os.path.join(cks, "4")) and path.startswith(os.path.join(cks, "4")):
+            with open(f"{path}.{os.getpid()}.1.tmp", "w") as f:
+                f.write(json.dumps(obj)[:100])  # the process dies here: a partial temp file, never renamed
+            raise SystemError("killed")
+        return real(path, obj, **kw)
+
+    monkeypatch.setattr(integrity.files, "atomic_write_json", killed)
+    with pytest.raises(ckpt.CheckpointError, match="killed"):
+        pipeline.run(_config(), wd)
+    monkeypatch.setattr(integrity.files, "atomic_write_json", real)
+    folder = os.path.join(cks, "4")
+    assert os.path.isfile(os.path.join(folder, "state", "_METADATA"))  # committed by Orbax
+    assert not os.path.exists(os.path.join(folder, integrity.RECORD))
+    assert integrity.check_folder(folder) == integrity.UNVERIFIED
+    tr = _trainer(wd)
+    assert int(jax.device_get(tr.restore_or_init().step)) == 4
+    tr.mgr.close()
+    _assert_same_checkpoint(folder, os.path.join(finished, "stage1", "checkpoints", "4"))
+
+
+def test_sample_refuses_a_damaged_export_naming_the_file(finished, tmp_path):
+    wd = _copy(finished, tmp_path)
+    weights = os.path.join(wd, "export", "step_00000004", "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) // 2)
+        f.write(b"\0" * 4096)
+    c = _config()
+    c.mode = "sample"
+    with pytest.raises(ExportError, match=r"diffusion_pytorch_model.safetensors: its bytes changed.*Delete .*"
+                                          r"step_00000004.*--config.mode=export"):  # fmt: skip
+        pipeline.run(c, wd)
+    assert not os.path.exists(os.path.join(wd, "samples"))
+
+
+def test_verify_mode_prints_the_table_and_fails_on_damage(finished, tmp_path, caplog):
+    wd = _copy(finished, tmp_path)
+    c = _config()
+    c.mode = "verify"
+    rows = pipeline.run_verify(c, wd)
+    assert [r["status"] for r in rows] == ["verified"] * 5  # checkpoints 2 and 4, the export, 2 pair shards
+    os.remove(os.path.join(wd, "stage1", "checkpoints", "2", integrity.RECORD))
+    bad = os.path.basename(_flip(os.path.join(wd, "stage1", "checkpoints", "4")))
+    with caplog.at_level(std_logging.INFO, logger="absl"):
+        with pytest.raises(pipeline.VerifyError, match=rf"1 damaged.*stage1 checkpoint 4: .*{bad}"):
+            pipeline.run(c, wd)
+    table = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"verify {wd}")][-1]
+    assert "1 unverified" in table and "1 damaged" in table and "3 verified" in table
+    assert sorted(os.listdir(os.path.join(wd, "stage1", "checkpoints"))) == ["2", "4"]  # verify moves nothing
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "d2g_jax.main", "--config=configs/tiny.py", f"--workdir={wd}",
+                        "--config.mode=verify"], cwd=root, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 1 and "1 damaged" in out[-1] and bad in out[-1], "\n".join(out[-20:])
+    assert any("stage1 checkpoint 2" in ln and "unverified" in ln for ln in out)
+
+
+def test_nan_soon_after_an_unverified_restore_names_the_checkpoint_first(finished, tmp_path):
+    wd = _copy(finished, tmp_path)
+    shutil.rmtree(os.path.join(wd, "stage1", "checkpoints", "4"))
+    os.remove(os.path.join(wd, "stage1", "checkpoints", "2", integrity.RECORD))  # restored unverified
+    blowup = _config(lr=1e30, lr_end=1e29)
+    blowup.resume_changes = "train.lr,train.lr_end"
+    with pytest.raises(NonFiniteError) as e:
+        pipeline.run(blowup, wd)
+    msg = str(e.value)
+    assert "after resuming from step 2, which has no digest record" in msg and "may be damaged" in msg
+    assert msg.index("--config.mode=verify") < msg.index("--config.train.lr=1e+29")  # the checkpoint first
+
+
+@pytest.fixture(scope="module")
+def stage2_finished(finished, tmp_path_factory):
+    """The finished stage-1 run continued by 4 stage-2 steps (checkpoints 2 and 4 of stage 2)."""
+    wd = str(tmp_path_factory.mktemp("faults_s2") / "run")
+    shutil.copytree(finished, wd)
+    c = _stage2_config()
+    pipeline.run(c, wd)
+    assert sorted(os.listdir(os.path.join(wd, "stage2", "checkpoints"))) == ["2", "4"]
+    return wd
+
+
+def _stage2_config():
+    c = _config()
+    c.stage2.num_steps, c.stage2.ckpt_every, c.stage2.log_every = 4, 2, 1
+    c.stage2.eval_every = c.stage2.sample_every = 0
+    c.train.async_ckpt = True  # (shared by stage 2) the record of an asynchronous save
+    c.disc.r1_interval = 2
+    c.resume_changes = "stage2.num_steps,disc.r1_interval"
+    return c
+
+
+@pytest.mark.slow  # a tiny stage-2 compile, twice (~2 min on 2 shared cores)
+def test_stage2_changed_bytes_walk_back_and_continue_bit_identically(stage2_finished, tmp_path, caplog):
+    wd = _copy(stage2_finished, tmp_path)
+    cks = os.path.join(wd, "stage2", "checkpoints")
+    assert integrity.check_folder(os.path.join(cks, "4")) == integrity.VERIFIED
+    bad = os.path.basename(_flip(os.path.join(cks, "4")))
+    pipeline.run(_stage2_config(), wd)
+    assert [r for r in caplog.records if "unreadable (damaged" in r.getMessage() and bad in r.getMessage()]
+    assert sorted(os.listdir(cks))[2].startswith("4.corrupt-")
+    _assert_same_checkpoint(os.path.join(cks, "4"), os.path.join(stage2_finished, "stage2", "checkpoints", "4"))
+    assert open(os.path.join(wd, "stage2", "metrics.jsonl")).read() == open(
+        os.path.join(stage2_finished, "stage2", "metrics.jsonl")).read()  # fmt: skip

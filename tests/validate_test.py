@@ -99,6 +99,7 @@ USE = [
     ({"mode": "eval", "eval.metrics": "clip", "eval.random_extractors": False}, "config.eval.clip is empty"),
     ({"mode": "eval", "eval.images": "/nowhere"}, "config.eval.images=/nowhere: no such folder"),
     ({"mode": "nonsense"}, "config.mode='nonsense' is not a phase"),
+    ({"mode": "verify"}, "no such folder; --config.mode=verify checks an existing run's workdir"),
 ]
 
 

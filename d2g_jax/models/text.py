@@ -17,6 +17,7 @@ pipelines do. The encoders run in one jitted pure function `embed(params, ids)`,
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -104,6 +105,9 @@ class TextEncoder:
         )
         self._embed = jax.jit(self.embed, static_argnames=("negative",))
         self._empty: dict[str, jax.Array] | None = None
+        # transformers' tokenizers are not thread-safe (the fast one re-sets padding/truncation on its shared Rust
+        # object per call): every use from several threads (the demo server's workers and handlers) takes this lock
+        self.tokenize_lock = threading.RLock()
 
     @classmethod
     def from_pipeline(
@@ -177,7 +181,8 @@ class TextEncoder:
         # diffusers zips [prompt, prompt_2] with the tokenizers: a lone text_encoder_2 (refiner) gets `prompt`.
         ids, masks = [], []
         for tok, n, p in zip(self.tokenizers, self.max_lengths, (prompts, prompts_2)):
-            t = tok(p, padding="max_length", max_length=n, truncation=True, return_tensors="np")
+            with self.tokenize_lock:
+                t = tok(p, padding="max_length", max_length=n, truncation=True, return_tensors="np")
             ids.append(t.input_ids.astype(np.int32))
             masks.append(t.attention_mask.astype(np.int32))
         return Tokens(tuple(ids), tuple(masks))

@@ -12,6 +12,12 @@ Restores walk back (`restore_newest_readable`): a damaged newest checkpoint (tru
 emptied iterator state, a removed item) is named in one line with its error, moved aside as
 `<step>.corrupt-<time>` (never deleted), and the previous one is tried; only when none restores is the run refused,
 naming each. A failed asynchronous save is raised at the next step (`check_saves`), not at the next save.
+
+Restores also verify (`integrity.py`): `Manager` writes a digest record of every file of a step after Orbax's commit
+of that step (process 0, in the background like the save; `wait_until_finished` includes it). Before a step is
+restored its files are checked against its record; a mismatch names the file, moves the step aside like an
+unreadable one and walks back to the previous step. A step without a record (older runs, or a kill between the
+commit and the record) is restored with a one-line warning.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from d2g_jax import files
+from d2g_jax.train import integrity
 
 RUN_FILE = "run.json"
 # The one table of config fields that may change between restarts of one run (logging/checkpoint cadence, topology,
@@ -36,7 +43,7 @@ RUN_FILE = "run.json"
 # apply to config.stage2, which shares them (train/stage2.py: stage2_overrides).
 CADENCE = ("log_every", "eval_every", "sample_every", "ckpt_every", "stop_after")
 VOLATILE = (
-    "mode", "log_every_s", "mesh", "export", "sample", "eval", "report", "resume_changes",
+    "mode", "log_every_s", "mesh", "export", "sample", "serve", "eval", "report", "resume_changes",
     "pairs.batch_size", "pairs.verify", "teacher.dtype",
     "train.keep", "train.async_ckpt", "train.num_samples", "train.prefetch",
     *(f"{s}.{k}" for s in ("train", "stage2") for k in CADENCE),
@@ -135,9 +142,62 @@ def _identity(config: ml_collections.ConfigDict, extra: dict[str, Any] | None) -
     return json.loads(json.dumps(ident))
 
 
-def manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+class Manager(ocp.CheckpointManager):
+    """Orbax's manager + the digest record of every step it saves (`integrity.write_record`), written by process 0
+    on one background thread once Orbax has committed that step: the step time does not grow. A kill between the
+    commit and the record leaves a step without a record (restored unverified); `wait_until_finished` (called by
+    Orbax before each save, and by `close`) includes the pending records; `check_for_errors` raises a failed one."""
+
+    def __init__(self, directory: str, options: ocp.CheckpointManagerOptions):
+        super().__init__(directory, options=options, item_names=("state", "data"))
+        self._records: Any = None  # the executor, made on the first save
+        self._pending: list[Any] = []
+
+    def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+        saved = super().save(step, *args, **kwargs)
+        if saved and jax.process_index() == 0:
+            if self._records is None:
+                import concurrent.futures
+
+                self._records = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="d2g_digest_record")
+            self._pending.append(self._records.submit(self._record, step))
+        return saved
+
+    def _record(self, step: int) -> None:
+        ocp.CheckpointManager.wait_until_finished(self)  # Orbax's commit of `step` (not ours: that waits for this)
+        folder = os.path.join(str(self.directory), str(step))
+        try:
+            integrity.write_record(folder, step=int(step))
+        except FileNotFoundError:
+            if os.path.isdir(folder):
+                raise  # else: removed meanwhile by a later save's max_to_keep: nothing to record
+
+    def _raise_done(self, wait: bool) -> None:
+        done = [f for f in self._pending if wait or f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        for f in done:
+            f.result()
+
+    def wait_until_finished(self) -> None:
+        super().wait_until_finished()
+        self._raise_done(wait=True)
+
+    def check_for_errors(self) -> None:
+        super().check_for_errors()
+        self._raise_done(wait=False)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self._records is not None:
+                self._records.shutdown(wait=True)
+                self._records = None
+
+
+def manager(directory: str, keep: int, async_save: bool) -> Manager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_names=("state", "data"))
+    return Manager(os.path.abspath(directory), opts)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, iterator: Any) -> None:
@@ -185,18 +245,36 @@ Restore = Callable[[ocp.CheckpointManager, int], Any]
 
 def restore_newest_readable(directory: str, make_manager: Callable[[], ocp.CheckpointManager],
                             restore_fn: Restore) -> tuple[Any, int | None, Any]:  # fmt: skip
-    """`(manager, step, restore_fn(manager, step))` for the newest checkpoint in `directory` that restores; each
-    newer one that does not is named with its error in one line and moved aside (`move_aside`). `(manager, None,
-    None)` when there is no checkpoint; `CheckpointError` naming every failure when none is readable."""
+    """`(manager, step, restore_fn(manager, step))` for the newest checkpoint in `directory` that matches its digest
+    record (`integrity.check_folder`; one without a record is restored with a warning) and restores; each newer one
+    that does not is named with the damaged file or its error in one line and moved aside (`move_aside`).
+    `(manager, None, None)` when there is no checkpoint; `CheckpointError` naming every failure when none is
+    usable."""
     failures = []
     while True:
         mgr = make_manager()
         step = mgr.latest_step()
         if step is None:
             if failures:
-                raise CheckpointError(f"{directory}: no readable checkpoint; each was moved aside: "
-                                      + "; ".join(failures))  # fmt: skip
+                raise CheckpointError(
+                    f"{directory}: no readable checkpoint; each was moved aside (kept, never deleted): "
+                    + "; ".join(failures) + ". Copy an intact checkpoint back (e.g. from where this run was "
+                    "copied from) or use a new --workdir; rerunning as is starts this stage afresh."
+                )  # fmt: skip
             return mgr, None, None
+        folder = os.path.join(directory, str(step))
+        try:
+            verified = integrity.check_folder(folder)
+        except integrity.IntegrityError as e:
+            mgr.close()
+            dst = move_aside(directory, step)
+            logging.warning("checkpoint %s unreadable (damaged: %s); moved aside to %s, walking back to the previous "
+                            "step", folder, e, dst)  # fmt: skip
+            failures.append(f"step {step} (damaged: {e}) → {dst}")
+            continue
+        if verified == integrity.UNVERIFIED:
+            logging.warning("checkpoint %s has no digest record (a run older than the records, or killed between "
+                            "its save and its record): restoring it unverified", folder)  # fmt: skip
         try:
             return mgr, step, restore_fn(mgr, step)
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint fails in many ways (OCDBT, JSON, tree, missing)

@@ -203,10 +203,42 @@ def r1_penalty(score_fn, x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.square(grads), axis=tuple(range(1, grads.ndim))))
 
 
-def r1_score(maps: Sequence[jax.Array]) -> jax.Array:
-    """The per-sample score R1 differentiates: StyleGAN2's `logits.sum()` taken over a sample's output
-    locations, averaged over the maps → [B]."""
-    return sum(jnp.sum(m.astype(jnp.float32), axis=tuple(range(1, m.ndim))) for m in maps) / len(maps)
+R1_REDUCES = ("sum", "mean")
+
+
+def r1_score(maps: Sequence[jax.Array], reduce: str = "sum") -> jax.Array:
+    """The per-sample score R1 differentiates → [B], averaged over the maps. `reduce="sum"`: StyleGAN2's
+    `logits.sum()` taken over a sample's output locations (a map of L locations weighs L² in the penalty);
+    `"mean"`: the mean over the locations, i.e. the score on the scale the GAN loss averages (config.disc.r1_reduce)."""
+    if reduce not in R1_REDUCES:
+        raise ValueError(f"config.disc.r1_reduce={reduce!r}: choose one of {R1_REDUCES}.")
+    red = jnp.sum if reduce == "sum" else jnp.mean
+    return sum(red(m.astype(jnp.float32), axis=tuple(range(1, m.ndim))) for m in maps) / len(maps)
+
+
+EPS_MAPS = ("elements", "channel_mean", "off")
+
+
+def readout_maps(maps: Sequence[jax.Array], eps_map: str = "elements") -> tuple[jax.Array, ...]:
+    """The maps the GAN loss (and R1) sees, given how D's ε-map enters (config.disc.eps_map): "elements" = every
+    element of the U-Net's [B, H, W, C] output a logit (C logits per location); "channel_mean" = one logit per
+    location, the channel mean; "off" = not a read-out (the multi-scale heads alone; needs multiscale_out)."""
+    if eps_map not in EPS_MAPS:
+        raise ValueError(f"config.disc.eps_map={eps_map!r}: choose one of {EPS_MAPS}.")
+    eps, heads = maps[0], tuple(maps[1:])
+    if eps_map == "off":
+        if not heads:
+            raise ValueError("config.disc.eps_map='off' leaves D no read-out without config.disc.multiscale_out.")
+        return heads
+    if eps_map == "channel_mean":
+        eps = jnp.mean(eps, axis=-1, keepdims=True)
+    return (eps, *heads)
+
+
+def image_scores(maps: Sequence[jax.Array]) -> jax.Array:
+    """One real-vs-fake score per image → [B]: the mean logit over each map's locations, averaged over the maps
+    (the quantity whose sign D's held-out accuracy reads)."""
+    return sum(jnp.mean(m.astype(jnp.float32), axis=tuple(range(1, m.ndim))) for m in maps) / len(maps)
 
 
 def mix_and_match_rows(batch: int, fraction: float, types: Sequence[str]) -> np.ndarray:

@@ -30,7 +30,10 @@ import numpy as np
 
 from d2g_jax.models.blocks import attention_implementation
 from d2g_jax.train.discriminator import (
+    EPS_MAPS,
+    R1_REDUCES,
     Discriminator,
+    image_scores,
     mean_logit,
     mix_and_match,
     mix_and_match_rows,
@@ -38,6 +41,7 @@ from d2g_jax.train.discriminator import (
     ns_g_loss,
     r1_penalty,
     r1_score,
+    readout_maps,
 )
 from d2g_jax.train.state import TrainState
 from d2g_jax.train.steps import global_norm, guarded_update
@@ -96,6 +100,15 @@ def check_disc_config(dc: ml_collections.ConfigDict, num_train_timesteps: int = 
     if gamma > 0 and (interval < 1 or n_r1 < 1):
         raise ValueError(f"config.disc.r1_interval={interval} and config.disc.r1_samples={n_r1} must be ≥ 1 when "
                          "r1_gamma > 0.")  # fmt: skip
+    if dc.r1_reduce not in R1_REDUCES:
+        raise ValueError(f"config.disc.r1_reduce={dc.r1_reduce!r}: choose one of {R1_REDUCES}.")
+    if gamma > 0 and not 0 <= int(dc.r1_offset) < interval:
+        raise ValueError(f"config.disc.r1_offset={dc.r1_offset}: need 0 ≤ offset < config.disc.r1_interval="
+                         f"{interval} (R1 runs on the steps where step % interval == offset).")  # fmt: skip
+    if dc.eps_map not in EPS_MAPS:
+        raise ValueError(f"config.disc.eps_map={dc.eps_map!r}: choose one of {EPS_MAPS}.")
+    if dc.eps_map == "off" and not dc.multiscale_out:
+        raise ValueError("config.disc.eps_map='off' needs config.disc.multiscale_out=True (D would have no read-out).")
     t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
     if dc.noise_aug and not 0 <= t_lo <= t_hi < num_train_timesteps:
         raise ValueError(f"config.disc.noise_aug_t_min/max = {t_lo}/{t_hi}: need 0 ≤ min ≤ max < "
@@ -122,10 +135,13 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
     t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
     rows_r1 = r1_rows(int(t.batch_size), n_r1, dc.r1_scope, int(dc.r1_groups) or data_groups) if gamma > 0 else None
 
+    eps_map, r1_reduce, r1_offset = str(dc.eps_map), str(dc.r1_reduce), int(dc.r1_offset)
+
     def d_apply(dparams, x, z, td, cond):
         b, h, w = x.shape[:3]
         added = gen.added_conditions(cond, b, h, w)
-        return disc.apply({"params": dparams}, x, z, td, cond["context"], **added)
+        maps = disc.apply({"params": dparams}, x, z, td, cond["context"], **added)
+        return readout_maps(maps, eps_map)
 
     def augment(x, td, eps):
         if not dc.noise_aug:
@@ -146,14 +162,25 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
         else:
             td, eps = jnp.full((b,), int(dc.timestep), jnp.int32), None
 
-        def g_objective(params):
-            x0 = gen(params, z, cond)
-            d = jnp.mean(loss_fn(frozen["loss"], x0, real, k_loss).astype(jnp.float32))
-            gan = ns_g_loss(d_apply(state.disc, augment(x0, td, eps), z, td, cond))
-            aux = {"distill": d, "gan_g": gan, "mse": jnp.mean((x0 - real) ** 2)}
-            return distill_weight * d + gan_weight * gan, (x0, aux)
-
-        (loss, (x0, aux)), grads = jax.value_and_grad(g_objective, has_aux=True)(state.params)
+        # G's gradient as the sum of its two parts, each pulled back through G separately (one more G backward
+        # than a single value_and_grad; the control, λ_GAN = 0, skips it): their norms are logged.
+        x0, g_vjp = jax.vjp(lambda p: gen(p, z, cond), state.params)
+        distill_of = lambda x: jnp.mean(loss_fn(frozen["loss"], x, real, k_loss).astype(jnp.float32))
+        gan_of = lambda x: ns_g_loss(d_apply(state.disc, augment(x, td, eps), z, td, cond))
+        d, dx_d = jax.value_and_grad(distill_of)(x0)
+        (g_distill,) = g_vjp((distill_weight * dx_d).astype(x0.dtype))
+        if gan_weight != 0:
+            gan, dx_g = jax.value_and_grad(gan_of)(x0)
+            (g_gan,) = g_vjp((gan_weight * dx_g).astype(x0.dtype))
+            grads = jax.tree.map(jnp.add, g_distill, g_gan)
+            n_distill, n_gan = global_norm(g_distill), global_norm(g_gan)
+        else:
+            gan = gan_of(x0)
+            grads = g_distill
+            n_distill, n_gan = global_norm(g_distill), jnp.float32(0.0)
+        loss = distill_weight * d + gan_weight * gan
+        aux = {"distill": d, "gan_g": gan, "mse": jnp.mean((x0 - real) ** 2), "g_grad_distill": n_distill,
+               "g_grad_gan": n_gan, "gan_grad_ratio": n_gan / jnp.maximum(n_distill, 1e-30)}  # fmt: skip
         if update == "alternating":  # D's fakes come from G after this step's update (the guarded update below
             # applies the same one: the values agree, and a non-finite step is discarded whole)
             g_updates, _ = tx.update(grads, state.opt_state, state.params)
@@ -174,7 +201,8 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
             maps = d_apply(dparams, *d_in)
             split = [m.reshape(b, 2, *m.shape[1:]) for m in maps]
             lr_, lf = [m[:, 0] for m in split], [m[:, 1] for m in split]
-            return ns_d_loss(lr_, lf), {"d_real": mean_logit(lr_), "d_fake": mean_logit(lf)}
+            acc = 0.5 * (jnp.mean(image_scores(lr_) > 0) + jnp.mean(image_scores(lf) < 0))
+            return ns_d_loss(lr_, lf), {"d_real": mean_logit(lr_), "d_fake": mean_logit(lf), "d_acc": acc}
 
         (d_loss, d_aux), d_grads = jax.value_and_grad(d_objective, has_aux=True)(state.disc)
         r1 = jnp.float32(0.0)
@@ -189,10 +217,11 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
 
             def r1_objective(dparams):
                 with attention_implementation("xla"):  # second derivatives: no cuDNN flash kernel here
-                    pen = r1_penalty(lambda v: r1_score(d_apply(dparams, v, sub(z), sub(td), c1)), sub(x_real))
+                    score = lambda v: r1_score(d_apply(dparams, v, sub(z), sub(td), c1), r1_reduce)
+                    pen = r1_penalty(score, sub(x_real))
                 return 0.5 * gamma * interval * pen, pen
 
-            due = state.step % interval == 0
+            due = state.step % interval == r1_offset
             (_, r1), r1_grads = jax.lax.cond(
                 due,
                 lambda p: jax.value_and_grad(r1_objective, has_aux=True)(p),
@@ -210,3 +239,42 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
         return new, metrics
 
     return step
+
+
+def make_d_eval(gen, disc: Discriminator, text, dc):
+    """D's held-out read-out `(params, dparams, frozen, batch, key) → metrics`: G(z, c) of `params` against the
+    batch's real latents, both through D as the step's D pass sees them (same timestep / noise augmentation, no
+    mix-and-match): per read-out map the mean real and fake logit (`map{i}_real` / `map{i}_fake`, map 0 = the ε-map),
+    and the per-image accuracy (`acc`: the sign of an image's mean logit over the maps; real and fake halves
+    weighted equally, `acc_real`, `acc_fake`). Held-out pairs: D never trained on them."""
+    ac = np.asarray(gen.schedule.alphas_cumprod, np.float32)
+    eps_map = str(dc.eps_map)
+    t_lo, t_hi = int(dc.noise_aug_t_min), int(dc.noise_aug_t_max)
+
+    def ev(params, dparams, frozen, batch, key):
+        z, real = batch["noise"], batch["latent"]
+        b = z.shape[0]
+        cond = text.embed(frozen["text"], batch["ids"], batch["masks"])
+        fake = gen(params, z, cond)
+        if dc.noise_aug:
+            k_t, k_e = jax.random.split(key)
+            td = jax.random.randint(k_t, (b,), t_lo, t_hi + 1)
+            e = jax.random.normal(k_e, real.shape, jnp.float32)
+            a = jnp.sqrt(jnp.asarray(ac)[td]).reshape(-1, 1, 1, 1)
+            s = jnp.sqrt(1.0 - jnp.asarray(ac)[td]).reshape(-1, 1, 1, 1)
+            real, fake = a * real + s * e, a * fake + s * e
+        else:
+            td = jnp.full((b,), int(dc.timestep), jnp.int32)
+
+        def maps_of(x):
+            added = gen.added_conditions(cond, b, x.shape[1], x.shape[2])
+            return readout_maps(disc.apply({"params": dparams}, x, z, td, cond["context"], **added), eps_map)
+
+        mr, mf = maps_of(real), maps_of(fake)
+        out = {"acc_real": jnp.mean(image_scores(mr) > 0), "acc_fake": jnp.mean(image_scores(mf) < 0)}
+        out["acc"] = 0.5 * (out["acc_real"] + out["acc_fake"])
+        for i, (r, f) in enumerate(zip(mr, mf)):
+            out[f"map{i}_real"], out[f"map{i}_fake"] = jnp.mean(r), jnp.mean(f)
+        return out
+
+    return ev

@@ -28,7 +28,39 @@ class Stage2Trainer(Trainer):
     """Stage 2 of a run directory: `<workdir>/stage2/` (checkpoints hold G, EMA, D and both optimisers)."""
 
     stage = "stage2"
-    headline = ("loss", "distill", "gan_g", "d_loss", "d_real", "d_fake")
+    headline = ("loss", "distill", "gan_g", "d_loss", "d_real", "d_fake", "d_acc")
+    interval_sums = ("r1", "r1_applied")
+
+    def interval_scalars(self, sums):
+        """`r1_mean`: the mean R1 penalty ‖∇D‖² over the R1 steps of the logging interval (0 when none ran);
+        `r1_steps`: how many ran."""
+        n = sums["r1_applied"]
+        return {"r1_mean": sums["r1"] / n if n else 0.0, "r1_steps": n}
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Stage 1's held-out G metrics, plus D on the same held-out pairs (never trained on): its per-image
+        accuracy real vs G's fakes (`eval/d_acc`, `d_acc_real`, `d_acc_fake`) and every read-out map's mean
+        real/fake logit (`eval/d_map{i}_real|fake`; map 0 = the ε-map unless config.disc.eps_map="off")."""
+        out = super().evaluate(state)
+        if self._d_eval is None:
+            from d2g_jax.train.stage2 import make_d_eval
+
+            rep = shd.replicated(self.mesh)
+            fn = jax.jit(make_d_eval(self.gen, self.disc, self.text, self.config.disc),
+                         in_shardings=(self.param_sh, self.disc_sh, self.frozen_sh, self.batch_sh, rep),
+                         out_shardings=rep)  # fmt: skip
+            self._d_eval = (fn, self._eval[1] if self._eval else self._eval_batches())
+        fn, batches = self._d_eval
+        if not batches:
+            return out
+        key = shd.put_global(np.asarray(jax.random.PRNGKey(777), np.uint32), shd.replicated(self.mesh))
+        acc: dict[str, float] = {}
+        for b in batches:
+            for k, v in jax.device_get(fn(state.params, state.disc, self.frozen, b, key)).items():
+                acc[k] = acc.get(k, 0.0) + float(v) / len(batches)
+        d = {f"eval/d_{k}": v for k, v in acc.items()}
+        self._jsonl({"step": int(jax.device_get(state.step)), **d})
+        return {**out, **d}
 
     def stage_config(self) -> ml_collections.ConfigDict:
         return read_lr(stage2_train_config(self.config), self.config.train.lr_reading, "stage2")
@@ -49,6 +81,7 @@ class Stage2Trainer(Trainer):
         self.disc_sh = shd.param_shardings(boxed, self.mesh)
         self.abstract_disc = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(boxed))
         self.dtx, self.dlr_fn = optimizer_from_config(self.disc_sh, dc, int(self.t.num_steps), field="disc")
+        self._d_eval = None  # (jitted held-out D read-out, batches), made on first use
 
     def build_abstract_state(self) -> TrainState:
         return (

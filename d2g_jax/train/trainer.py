@@ -72,6 +72,9 @@ class Trainer:
 
     stage = "stage1"
     headline = ("loss", "distill", "mse")  # metrics on the console progress line
+    # Step metrics summed on the device over each logging interval (not only read at the logged step), turned into
+    # scalars by `interval_scalars` (stage 2: the lazy R1 penalty, which a logged step rarely runs).
+    interval_sums: tuple[str, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, teacher_folder: str, pairs_dir: str,
                  pairs_expect: Mapping[str, Any] | None = None):  # fmt: skip
@@ -131,6 +134,7 @@ class Trainer:
         self._grid = None  # (jitted teacher/student decode, inputs)
         self._decoder = None  # the teacher's VAE decoder (module, replicated variables)
         self._sigterm = False
+        self._restored: tuple[int, bool] | None = None  # (step, verified against its digest record) of the restore
         ckpt.record_run(workdir, config, self.run_extra)  # a new run's identity, once its set-up succeeded
 
     # --- hooks (stage 2 overrides these) ---
@@ -170,6 +174,10 @@ class Trainer:
         rng = shd.put_global(np.asarray(jax.random.PRNGKey(int(self.config.seed) + 1), np.uint32), self.state_sh.rng)
         step = shd.put_global(np.int32(0), self.state_sh.step)
         return TrainState(step=step, params=params, ema=ema, opt_state=opt_state, rng=rng)
+
+    def interval_scalars(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Scalars logged from the `interval_sums` of one logging interval (stage 1: none)."""
+        return {}
 
     # --- batches ---
 
@@ -212,6 +220,9 @@ class Trainer:
         if step is None:
             logging.info("%s: starting afresh (no checkpoint in %s)", self.stage, directory)
             return self.initial_state()
+        from d2g_jax.train import integrity
+
+        self._restored = (int(step), os.path.isfile(os.path.join(directory, str(step), integrity.RECORD)))
         logging.info("%s: resuming from step %d (%s)", self.stage, step, directory)
         return state
 
@@ -339,11 +350,15 @@ class Trainer:
         pending = None  # (step, metrics) whose `finite` flag has not been read yet
         t_log, steps_since = time.perf_counter(), 0
         shown: dict[str, float] = {}
+        sums = None  # `interval_sums` over the current logging interval (device arrays: no sync per step)
         step = start
         while step < num_steps:
             batch = self.global_batch(next(self.loader))
             state, metrics = self.step_fn(state, self.frozen, batch)
             step += 1
+            if self.interval_sums:
+                part = {k: metrics[k] for k in self.interval_sums}
+                sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
             self._check_saves(step, last_ckpt)
             steps_since += 1
             if pending is not None:
@@ -354,9 +369,11 @@ class Trainer:
                 self._check_finite(step, m, last_ckpt)
                 dt = (time.perf_counter() - t_log) / steps_since
                 scalars = {k: float(v) for k, v in m.items() if k != "finite"}
-                scalars.update({"step_time_s": dt, "img_per_s": t.batch_size / dt})
+                interval = self.interval_scalars({k: float(v) for k, v in jax.device_get(sums).items()}) if sums else {}
+                sums = None
+                scalars.update({"step_time_s": dt, "img_per_s": t.batch_size / dt, **interval})
                 self.writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                self._jsonl({"step": step, **{k: float(v) for k, v in m.items() if k != "finite"}})
+                self._jsonl({"step": step, **{k: float(v) for k, v in m.items() if k != "finite"}, **interval})
                 shown = scalars
                 t_log, steps_since = time.perf_counter(), 0
             progress(step, shown, self.headline + ("img_per_s",))
@@ -454,13 +471,33 @@ class Trainer:
         lr = float(self.t.lr)
         fix = f"--config.{section}.lr={lr / 10:g} --config.resume_changes={section}.lr"
         clip = "--config.train.grad_clip=1.0 --config.resume_changes=train.grad_clip"
+        where = os.path.join(self.dir, "checkpoints")
+        restored, verified = self._restored or (None, False)
+        last = f"The last good checkpoint is step {last_ckpt}"
+        damaged = ""
+        if restored is not None and step - restored <= NAN_AFTER_RESUME_STEPS:
+            if verified:
+                damaged = (f"This came {step - restored} step(s) after resuming from step {restored}, whose files "
+                           "matched their digest record (its bytes are as written): not a damaged checkpoint. ")
+            else:  # no digest record: its bytes could not be checked
+                last = f"The last checkpoint is step {last_ckpt}"
+                damaged = (
+                    f"This came {step - restored} step(s) after resuming from step {restored}, which has no digest "
+                    "record and was restored unverified: that checkpoint may be damaged (bytes changed by a disk, a "
+                    "copy or a sync). Check the workdir first:\n  "
+                    f"{console.command('--config.mode=verify')}\nand if step {restored} was copied or its disk is "
+                    f"suspect, move {os.path.join(where, str(restored))} aside and rerun the same command to continue "
+                    "from the step before it. Only then: "
+                )  # fmt: skip
         raise NonFiniteError(
             f"{self.stage}: non-finite loss/gradients at step {step} (loss={loss}, grad_norm={gn}); the update was "
-            f"not applied and training stopped. The last good checkpoint is step {last_ckpt} in "
-            f"{os.path.join(self.dir, 'checkpoints')} (left untouched). To continue from it with a lower learning "
-            f"rate, rerun the same command with {fix}\n  {console.command(fix)}\nor with gradient clipping: "
-            f"{clip}. Otherwise check the pairs."
+            f"not applied and training stopped. {damaged}{last} in {where} (left untouched). To continue from it "
+            f"with a lower learning rate, rerun the same command with {fix}\n  {console.command(fix)}\nor with "
+            f"gradient clipping: {clip}. Otherwise check the pairs (--config.mode=verify checks every record)."
         )
+
+
+NAN_AFTER_RESUME_STEPS = 10  # a non-finite step this soon after a restore names the restored checkpoint first
 
 
 def _due(step: int, every: int, last: int) -> bool:

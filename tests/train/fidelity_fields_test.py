@@ -512,6 +512,11 @@ REFUSED = [
     ({"pairs.seed": -2}, "config.pairs.seed=-2"),
     ({"report.enabled": True, "report.rows": "student,bogus"}, "config.report.rows='student,bogus'"),
     ({"report.enabled": True, "report.rows": " , "}, "config.report.rows="),
+    ({"disc.r1_reduce": "x"}, "config.disc.r1_reduce='x'"),
+    ({"disc.r1_offset": 16}, "config.disc.r1_offset=16"),
+    ({"disc.r1_offset": -1}, "config.disc.r1_offset=-1"),
+    ({"disc.eps_map": "x"}, "config.disc.eps_map='x'"),
+    ({"disc.eps_map": "off", "disc.multiscale_out": False}, "config.disc.eps_map='off' needs"),
 ]
 
 ACCEPTED = [
@@ -530,6 +535,10 @@ ACCEPTED = [
     {"report.enabled": True, "report.rows": "student"},
     {"report.enabled": True, "report.rows": "real,teacher,teacher_x0,student"},
     {"report.enabled": False, "report.rows": "student,bogus"},  # no report phase: not checked
+    {"disc.r1_reduce": "mean", "disc.r1_offset": 3},  # tiny: r1_interval 4
+    {"disc.eps_map": "channel_mean"},
+    {"disc.eps_map": "off"},
+    {"disc.r1_gamma": 0.0, "disc.r1_offset": 99},  # no R1: the offset is not read
 ]
 
 
@@ -565,3 +574,140 @@ def test_pairs_seed():
     c.seed = 0
     c.pairs.seed = -1
     assert pipeline.pairs_seed(c) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. The D-probe fields (issue 20): R1's score reduction and schedule offset, the ε-map's read-out, G's gradient
+# parts, D's accuracy, and the R1 penalty of a logging interval.
+
+
+def test_r1_score_mean_is_the_sum_over_locations_divided():
+    from d2g_jax.train.discriminator import r1_penalty, r1_score
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((1, 4, 4, 2)), jnp.float32)  # a linear "D": one map of 4·4·2 = 32 logits
+    x = jnp.asarray(rng.standard_normal((1, 4, 4, 2)), jnp.float32)
+    s_sum = float(r1_score([w * x], "sum")[0])
+    s_mean = float(r1_score([w * x], "mean")[0])
+    np.testing.assert_allclose(s_sum, 32 * s_mean, rtol=1e-5)
+    pen_sum = float(r1_penalty(lambda v: r1_score([w * v], "sum"), x))
+    pen_mean = float(r1_penalty(lambda v: r1_score([w * v], "mean"), x))
+    np.testing.assert_allclose(pen_sum, float(jnp.sum(w**2)), rtol=1e-5)  # ∇ = w
+    np.testing.assert_allclose(pen_sum, 32**2 * pen_mean, rtol=1e-5)  # the L² of a map of L locations
+    with pytest.raises(ValueError, match=r"config\.disc\.r1_reduce='max'"):
+        r1_score([w], "max")
+
+
+def test_readout_maps_eps_modes_and_image_scores():
+    from d2g_jax.train.discriminator import image_scores, readout_maps
+
+    rng = np.random.default_rng(1)
+    eps = jnp.asarray(rng.standard_normal((3, 4, 4, 4)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((3, 2, 2, 1)), jnp.float32)
+    maps = (eps, head)
+    assert readout_maps(maps, "elements")[0] is eps
+    cm = readout_maps(maps, "channel_mean")
+    assert cm[0].shape == (3, 4, 4, 1) and cm[1] is head
+    np.testing.assert_allclose(np.asarray(cm[0])[..., 0], np.asarray(eps).mean(-1), rtol=1e-6)
+    assert readout_maps(maps, "off") == (head,)
+    with pytest.raises(ValueError, match="multiscale_out"):
+        readout_maps((eps,), "off")
+    with pytest.raises(ValueError, match=r"config\.disc\.eps_map='x'"):
+        readout_maps(maps, "x")
+    # an image's score: each map's mean logit, averaged over the maps (channel_mean leaves the ε-map's mean as is)
+    want = 0.5 * (np.asarray(eps).mean((1, 2, 3)) + np.asarray(head).mean((1, 2, 3)))
+    np.testing.assert_allclose(np.asarray(image_scores(maps)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(image_scores(cm)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_r1_offset_picks_the_r1_steps(toy, offset):
+    """R1 runs where step % r1_interval == r1_offset: with interval 2, offset 0 → steps 0, 2; offset 1 → step 1."""
+    applied = []
+    for s in range(3):
+        _, m = toy.run("simultaneous", state=toy.state.replace(step=jnp.int32(s)), r1_interval=2, r1_offset=offset)
+        applied.append(float(m["r1_applied"]))
+        assert (float(m["r1"]) > 0) == (applied[-1] == 1.0)
+    assert applied == ([1.0, 0.0, 1.0] if offset == 0 else [0.0, 1.0, 0.0])
+
+
+def test_r1_reduce_and_eps_map_reach_the_step(toy):
+    """r1_reduce="mean" shrinks the penalty (each map's score divided by its 64 / 16 locations); eps_map="off"
+    drops the toy's first map (Dense_2, full resolution) from D's loss: with R1 off it gets no gradient at all and
+    stays where it was (no weight decay), while the second map's head (Dense_3) moves."""
+    _, m_sum = toy.run("simultaneous")
+    _, m_mean = toy.run("simultaneous", r1_reduce="mean")
+    assert 0 < float(m_mean["r1"]) < float(m_sum["r1"])
+    new_off, m_off = toy.run("simultaneous", eps_map="off", r1_gamma=0.0)
+    new_on, m_on = toy.run("simultaneous", r1_gamma=0.0)
+    assert abs(float(m_off["d_loss"]) - float(m_on["d_loss"])) > 1e-6
+    first, second = toy.state.disc["Dense_2"], toy.state.disc["Dense_3"]
+    assert _max_diff(first, new_off.disc["Dense_2"]) == 0.0
+    assert _max_diff(first, new_on.disc["Dense_2"]) > 1e-6
+    assert _max_diff(second, new_off.disc["Dense_3"]) > 1e-6
+
+
+def test_g_gradient_parts_and_d_accuracy(toy):
+    """The step's G gradient is the sum of the distillation part and λ_GAN × the GAN part, pulled back through G
+    separately: their norms are logged (g_grad_distill, g_grad_gan, their ratio) and agree with jax.grad of each
+    term; d_acc is the per-image accuracy of D's training batch."""
+    from d2g_jax.train.discriminator import ns_g_loss, readout_maps
+
+    new, m = toy.run("simultaneous")
+    st, b = toy.state, toy.batch
+    cond = toy.text.embed(toy.frozen["text"], b["ids"], b["masks"])
+    key = jax.random.split(jax.random.fold_in(st.rng, st.step), 3)[0]
+    td = jnp.zeros((4,), jnp.int32)
+
+    def distill(p):
+        return jnp.mean(toy.loss_fn(toy.frozen["loss"], toy.gen(p, b["noise"], cond), b["latent"], key))
+
+    def gan(p):
+        maps = toy.disc.apply({"params": st.disc}, toy.gen(p, b["noise"], cond), b["noise"], td, cond["context"])
+        return ns_g_loss(readout_maps(maps, "elements"))
+
+    norm = lambda g: float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(g))))
+    gd, gg = jax.grad(distill)(st.params), jax.tree.map(lambda v: 0.25 * v, jax.grad(gan)(st.params))
+    np.testing.assert_allclose(m["g_grad_distill"], norm(gd), rtol=1e-5)
+    np.testing.assert_allclose(m["g_grad_gan"], norm(gg), rtol=1e-5)
+    np.testing.assert_allclose(m["gan_grad_ratio"], norm(gg) / norm(gd), rtol=1e-5)
+    np.testing.assert_allclose(m["grad_norm"], norm(jax.tree.map(jnp.add, gd, gg)), rtol=1e-5)
+    assert 0.0 <= float(m["d_acc"]) <= 1.0 and float(m["d_acc"]) * 8 == round(float(m["d_acc"]) * 8)
+    # the control (λ_GAN = 0) logs no GAN gradient
+    dc = toy.config.disc
+    _, opt = make_state(toy.gp, toy.dp, toy.t, dc)
+    step0 = make_stage2_step(toy.gen, toy.disc, toy.text, toy.loss_fn, toy.t, dc, *opt, distill_weight=1.0,
+                             gan_weight=0.0)  # fmt: skip
+    _, m0 = jax.device_get(jax.jit(step0)(st, toy.frozen, b))
+    assert float(m0["g_grad_gan"]) == 0.0 and float(m0["gan_grad_ratio"]) == 0.0
+    np.testing.assert_allclose(m0["grad_norm"], norm(gd), rtol=1e-5)
+
+
+@pytest.mark.slow  # the stage1_run fixture + a tiny stage-2 run (~1 min on 2 shared cores)
+def test_stage2_logs_r1_over_the_interval_and_d_accuracy(stage1_run, tmp_path):
+    """R1 every 2 steps from step 0 and a log every 2 steps: the logged rows are steps 2 and 4, neither an R1 step
+    (their own r1 is 0), yet each row's r1_mean is the penalty of the interval's R1 step; eval rows carry D's
+    held-out accuracy and every read-out map's mean logits."""
+    import json
+
+    c = stage1_run.config.copy_and_resolve_references()
+    c.stage2.init_from = stage1_run.wd1
+    c.stage2.num_steps, c.stage2.log_every, c.stage2.eval_every = 4, 2, 4
+    c.stage2.ckpt_every, c.stage2.sample_every = 4, 0
+    c.disc.r1_interval = 2
+    wd2 = str(tmp_path / "s2")
+    pipeline.make_trainer(c, wd2, "stage2").run()
+    rows = [json.loads(ln) for ln in open(os.path.join(wd2, "stage2", "metrics.jsonl"))]
+    train = [r for r in rows if "r1_applied" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        assert r["r1_applied"] == 0.0 and r["r1"] == 0.0
+        assert r["r1_steps"] == 1.0 and r["r1_mean"] > 0
+        for k in ("d_acc", "g_grad_distill", "g_grad_gan", "gan_grad_ratio"):
+            assert np.isfinite(r[k]), k
+    d_rows = [r for r in rows if "eval/d_acc" in r]
+    assert [r["step"] for r in d_rows] == [0, 4]
+    for r in d_rows:
+        assert 0.0 <= r["eval/d_acc"] <= 1.0
+        n_maps = len([k for k in r if k.startswith("eval/d_map") and k.endswith("_real")])
+        assert n_maps == 1 + 3 * len(TINY_UNET["up_block_types"]), r.keys()
