@@ -36,8 +36,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 FROZEN = {"stage2.lr": 0.0, "stage2.lr_end": 0.0}
-# The D before issue 20 (the rows' base): R1 on StyleGAN2's sum score, clean latents at t = 0.
-OLD_D = {"disc.r1_reduce": "sum", "disc.timestep": 0}
+# The D before issue 20 (the rows' base): R1 on StyleGAN2's sum score, clean latents at t = 0, D unclipped.
+OLD_D = {"disc.r1_reduce": "sum", "disc.timestep": 0, "disc.grad_clip": 0.0}
 # (row, what it changes, overrides on top of BASE). BASE: configs/mnist.py's D before issue 20 (lr 2e-4 → 1e-5 cosine,
 # β (0.9, 0.999), R1 γ 0.01 every 16 from step 0, sum score, ε-map elements, t = 0: OLD_D) at batch 16, G frozen.
 ROWS = [
@@ -56,8 +56,10 @@ ROWS = [
     ("eps_mean", "ε-map as one logit per location (channel mean)", {"disc.eps_map": "channel_mean"}),
     ("eps_off", "ε-map not a read-out (multi-scale heads alone)", {"disc.eps_map": "off"}),
     ("batch64", "batch 64", {"stage2.batch_size": 64}),
-    ("mnist", "configs/mnist.py now: R1 mean score (base.py), D timestep 500", {"disc.r1_reduce": "mean",
-                                                                              "disc.timestep": 500}),
+    ("mnist_noclip", "R1 mean score (base.py now) and D timestep 500, D unclipped",
+     {"disc.r1_reduce": "mean", "disc.timestep": 500}),
+    ("mnist", "configs/mnist.py now: R1 mean score, D timestep 500, D grad clip 10",
+     {"disc.r1_reduce": "mean", "disc.timestep": 500, "disc.grad_clip": 10.0}),
 ]
 ROW_IDS = [r[0] for r in ROWS]
 
@@ -182,10 +184,11 @@ def _emit(row: str, rec: dict, path: str) -> None:
 
 def table(root: str) -> str:
     """Markdown: one line per finished row — held-out accuracy at steps 100/250/500 (and the max), final logits."""
-    lines = ["| row | change | held-out acc @100 | @250 | @500 | max (step) | ε-map real/fake @end "
+    lines = ["| row | change | held-out acc @100 | @250 | @500 | mean (min) from step 100 | max (step) "
+             "| ε-map real/fake @end "
              "| heads real/fake @end "
              "| first R1 penalty | largest R1 penalty (step) | Adam √ν before→after first R1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     desc = {r[0]: r[1] for r in ROWS}
     for name in sorted(os.listdir(os.path.join(root, "rows"))):
         d = os.path.join(root, "rows", name)
@@ -196,6 +199,8 @@ def table(root: str) -> str:
         at = {r["step"]: r for r in recs}
         acc = lambda s, at=at: f"{at[s]['acc']:.3f}" if s in at else "–"
         best = max(recs, key=lambda r: r["acc"])
+        later = [r["acc"] for r in recs if r["step"] >= 100] or [float("nan")]
+        mean = f"{sum(later) / len(later):.3f} ({min(later):.3f})"
         last = recs[-1]
         maps = sorted({int(k[3:].split("_")[0]) for k in last if k.startswith("map") and k.endswith("_real")})
         eps_on = meta["overrides"].get("disc.eps_map", "elements") != "off"
@@ -216,7 +221,7 @@ def table(root: str) -> str:
             label += " + " + ", ".join(f"{k}={v}" for k, v in extra.items())
         if meta.get("g_train"):
             label += " (G training)"
-        lines.append(f"| {name} | {label} | {acc(100)} | {acc(250)} | {acc(500)} | "
+        lines.append(f"| {name} | {label} | {acc(100)} | {acc(250)} | {acc(500)} | {mean} | "
                      f"{best['acc']:.3f} ({best['step']}) | "
                      f"{eps} | {hr:+.2f}/{hf:+.2f} | {first} | {big} | {nu} |")  # fmt: skip
     return "\n".join(lines)

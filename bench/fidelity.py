@@ -50,6 +50,8 @@ S1, S2 = 300, 100
 # Table 2 at the budget where stage 2 acts (issue 20, FIDELITY.md "Stage 2 that acts"): S2B stage-2 steps, D as
 # configs/mnist.py sets it now; D's held-out accuracy read every S2B // 5 steps (the row's last value is shown).
 S2B = 500
+# The full row with D unclipped (configs/mnist.py's disc.grad_clip=10 off): what the R1 mean score and t = 500 alone do.
+T2B_NOCLIP = ("full_noclip", "full, D unclipped (disc.grad_clip=0)", {"disc.grad_clip": 0.0})
 BASE_STEPS = 1000  # the Table-2 generator: configs/mnist.py's stage 1 exactly (1,000 steps of E-LatentLPIPS*)
 
 PLAIN_D = {"disc.z_cond": False, "disc.r1_gamma": 0.0, "disc.multiscale_in": False, "disc.multiscale_out": False,
@@ -109,6 +111,7 @@ def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
         for name, label, over in T2:
             if name in ("control", "full"):
                 add("t2b", name, label, s, over, "stage2b")
+    add("t2b", *T2B_NOCLIP[:2], seeds[0], T2B_NOCLIP[2], "stage2b")
     for s in seeds[:2]:
         for name, label, over in T2:
             if name not in ("control", "full"):
@@ -358,11 +361,13 @@ def tables(root: str) -> str:
     t2 = [("base", f"stage-1 base ({BASE_STEPS} steps)")] + [(n, lab) for n, lab, _ in T2]
     parts += ["", table(res, "t2", t2, f"Table 2 analogue: stage 2, {S2} steps × batch 64 from one stage-1 generator")]
     parts += ["", comparisons(res, [(("t2", "full"), ("t2", "control"), "full stage 2 vs control")])]
-    parts += ["", table(res, "t2b", t2, f"Table 2 analogue at {S2B} stage-2 steps × batch 64 (D as configs/mnist.py "
+    t2b = t2 + [T2B_NOCLIP[:2]]
+    parts += ["", table(res, "t2b", t2b, f"Table 2 analogue at {S2B} stage-2 steps × batch 64 (D as configs/mnist.py "
                                         "sets it now), from one stage-1 generator")]  # fmt: skip
     parts += ["", comparisons(res, [(("t2b", "full"), ("t2b", "control"), f"full stage 2 vs control, {S2B} steps")]
                   + [(("t2b", n), ("t2b", "control"), f"{lab} vs control, {S2B} steps") for n, lab, _ in T2
-                     if n not in ("control", "full")])]  # fmt: skip
+                     if n not in ("control", "full")] + [(("t2b", T2B_NOCLIP[0]), ("t2b", "control"),
+                                                          f"{T2B_NOCLIP[1]} vs control, {S2B} steps")])]  # fmt: skip
     op = [("full", "default (full stage 2)")] + [(n, lab) for n, lab, _ in OPEN]
     res_open = dict(res)
     if ("t2", "full") in res:
@@ -472,7 +477,9 @@ def grids(root: str, seed: int = 0, num: int = 16) -> list[str]:
 
     res = load_results(root)
     teacher = os.path.join(world.DEFAULT_DIR, "pipeline")
-    captions = os.path.join(root, "rows", "t1_mse_s0", "world", "heldout", "captions.jsonl")
+    found = [os.path.join(root, "rows", d, "world", "heldout", "captions.jsonl")
+             for d in sorted(os.listdir(os.path.join(root, "rows")))]  # every row writes the same held-out captions
+    captions = next((f for f in found if os.path.isfile(f)), found[0] if found else "")
     every = read_prompts(captions, field="caption")
     prompts = every[:: max(len(every) // num, 1)][:num]  # the held-out set is sorted by digit: a spread of them
     mesh = shd.make_mesh(-1, 1)

@@ -49,6 +49,12 @@ def get_config():
     # score (FIDELITY.md, the D probe, seed 0): D's held-out accuracy over steps 100-500 averaged 0.88 (min 0.67) at
     # t = 500 vs 0.75 (min 0.50, back at chance for ~100 steps after an R1 spike) at t = 0.
     c.disc.timestep = 500
+    # D's gradient clipped at global norm 10 (paper: none stated). R1 still spikes once D has sharpened (penalty
+    # 12-65 against ≤ 1 otherwise); unclipped, a spike's gradient fills D's Adam ν (β₂ 0.999 keeps it ~1,000 steps)
+    # and D falls back to chance for ~100 steps (in 500-step stage-2 rows, D ended at chance: FIDELITY.md). Clipped at
+    # 10 (the GAN gradient's norm is 5-10 once D has learned), D held 0.92-1.00 held-out from step 100 to 500 through
+    # five spikes (the D probe, G training, seed 0).
+    c.disc.grad_clip = 10.0
     c.loss.encoder = "mnist"  # the world's LatentLPIPS files: mnist_latent_vgg16.pth.tar, mnist_latest_vgg16_tuned.pth
     c.loss.kind = "e_latent_lpips_star"  # SD-CFG-3's E-LatentLPIPS* (bg + cutout) with the world's LatentVGG
     c.eval.prompt_field = "caption"

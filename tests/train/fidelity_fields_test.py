@@ -635,7 +635,7 @@ def test_r1_reduce_and_eps_map_reach_the_step(toy):
     """r1_reduce="mean" shrinks the penalty (each map's score divided by its 64 / 16 locations); eps_map="off"
     drops the toy's first map (Dense_2, full resolution) from D's loss: with R1 off it gets no gradient at all and
     stays where it was (no weight decay), while the second map's head (Dense_3) moves."""
-    _, m_sum = toy.run("simultaneous")
+    _, m_sum = toy.run("simultaneous", r1_reduce="sum")
     _, m_mean = toy.run("simultaneous", r1_reduce="mean")
     assert 0 < float(m_mean["r1"]) < float(m_sum["r1"])
     new_off, m_off = toy.run("simultaneous", eps_map="off", r1_gamma=0.0)
@@ -710,4 +710,4 @@ def test_stage2_logs_r1_over_the_interval_and_d_accuracy(stage1_run, tmp_path):
     for r in d_rows:
         assert 0.0 <= r["eval/d_acc"] <= 1.0
         n_maps = len([k for k in r if k.startswith("eval/d_map") and k.endswith("_real")])
-        assert n_maps == 1 + 3 * len(TINY_UNET["up_block_types"]), r.keys()
+        assert n_maps == 1 + 3 * len(TINY_UNET.up_block_types), r.keys()
