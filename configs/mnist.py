@@ -51,9 +51,9 @@ def get_config():
     c.disc.timestep = 500
     # D's gradient clipped at global norm 10 (paper: none stated). R1 still spikes once D has sharpened (penalty
     # 12-65 against ≤ 1 otherwise); unclipped, a spike's gradient fills D's Adam ν (β₂ 0.999 keeps it ~1,000 steps)
-    # and D falls back to chance for ~100 steps (in 500-step stage-2 rows, D ended at chance: FIDELITY.md). Clipped at
-    # 10 (the GAN gradient's norm is 5-10 once D has learned), D held 0.92-1.00 held-out from step 100 to 500 through
-    # five spikes (the D probe, G training, seed 0).
+    # and D falls back to chance for ~100 steps (one 500-step stage-2 row ended with D at chance: FIDELITY.md).
+    # Clipped at 10 (the GAN gradient's norm is 5-10 once D has learned), D held 0.92-1.00 held-out from step 100 to
+    # 500 through five spikes (the D probe, G training, seed 0).
     c.disc.grad_clip = 10.0
     c.loss.encoder = "mnist"  # the world's LatentLPIPS files: mnist_latent_vgg16.pth.tar, mnist_latest_vgg16_tuned.pth
     c.loss.kind = "e_latent_lpips_star"  # SD-CFG-3's E-LatentLPIPS* (bg + cutout) with the world's LatentVGG
