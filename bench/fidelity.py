@@ -23,6 +23,11 @@ changes the training noise (data order, augmentations, mix-and-match, D's z-conv
   disc.r1_scope=device (16 slices: one sample per "GPU"), stage2.update_order=alternating, loss.star_reduce=sum.
 * Fig. 5: one random latent optimised toward a held-out digit's latent under MSE, LatentLPIPS and E-LatentLPIPS
   (in-process; a PNG of the decoded trajectory and the final distances).
+* Table 6 analogue (`--only t6`): configs/mnist.py's stage 1 at 3k, 12k and 48k training pairs (prefixes of one
+  49,152-pair set, `<root>/pairs48k` or `--big_pairs`, via train.max_pairs; its last 64 pairs are every row's
+  held-out pairs) at 1k steps, and at 1k / 3k / 10k steps on all 48k. The 10k-step point is configs/mnist_long.py's
+  stage 1 (the same stage 1 with 10,000 steps): `--long <its workdir>` reads its step-10,000 evaluation instead of
+  running the row again. Plot: `<root>/table6.png` (FD and prompt accuracy vs pairs and vs steps, log axes).
 """
 
 from __future__ import annotations
@@ -82,6 +87,14 @@ def fmt_value(v) -> str:
     return str(v)
 
 
+# Table 6 analogue (issue 21): (name, label, training pairs (train.max_pairs; 0 = all 49,088), stage-1 steps).
+T6_SET = 49_152  # pairs in the set (48 shards of 1,024); the last 64 are held out (configs/mnist.py train.holdout)
+T6 = [("p3k_s1k", "3,008 pairs, 1k steps", 3_008, 1_000), ("p12k_s1k", "12,032 pairs, 1k steps", 12_032, 1_000),
+      ("p48k_s1k", "49,088 pairs, 1k steps", 0, 1_000), ("p48k_s3k", "49,088 pairs, 3k steps", 0, 3_000),
+      ("p48k_s10k", "49,088 pairs, 10k steps (configs/mnist_long.py stage 1)", 0, 10_000)]  # fmt: skip
+T6_LONG = "p48k_s10k"
+
+
 def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
     """Every row, in run order: Table 1 and Table 2 on the first seed, the key rows (Table 1, Table 2's control and
     full: the conclusions rest on them) on the other seeds, then the open choices seed by seed."""
@@ -119,6 +132,8 @@ def rows(root: str, base: str, seeds=(0, 1, 2)) -> list[dict]:
     for s in seeds:
         for name, label, over in OPEN:
             add("open", name, label, s, over, "stage2")
+    for name, label, n, steps in T6:
+        add("t6", name, label, seeds[0], {"train.max_pairs": n, "train.num_steps": steps}, "scale")
     return out
 
 
@@ -130,7 +145,13 @@ def command(row: dict, root: str, base: str) -> list[str]:
             "--config.report.grid_images=0", f"--config.eval.stats_dir={os.path.join(root, 'cache')}",
             "--config.train.eval_every=0", "--config.train.sample_every=0", "--config.train.keep=1",
             "--config.stage2.eval_every=0", "--config.stage2.sample_every=0", "--config.log_every_s=60"]  # fmt: skip
-    if row["kind"] == "stage1":
+    if row["kind"] == "scale":  # configs/mnist.py's stage 1 on the big set; held-out distill loss at the last step
+        n = row["over"]["train.num_steps"]
+        args[args.index(f"--config.pairs.dir={os.path.join(root, 'pairs')}")] = f"--config.pairs.dir={big_pairs(root)}"
+        args.remove("--config.train.eval_every=0")
+        over = {"pairs.num_pairs": T6_SET, "train.ckpt_every": min(n, 1000), "train.eval_every": n,
+                "stage2.num_steps": 0}  # fmt: skip
+    elif row["kind"] == "stage1":
         over = {"train.num_steps": S1, "train.ckpt_every": S1, "train.ema_start": S1 // 3, "stage2.num_steps": 0}
     elif row["kind"] == "base":
         over = {"train.num_steps": BASE_STEPS, "train.ckpt_every": BASE_STEPS, "stage2.num_steps": 0}
@@ -141,7 +162,17 @@ def command(row: dict, root: str, base: str) -> list[str]:
         if row["kind"] == "stage2b":  # D's held-out accuracy in stage2/metrics.jsonl
             over["stage2.eval_every"] = S2B // 5
     over.update(row["over"])
+    if HOST_DEVICES[0]:
+        over["cpu.host_devices"] = HOST_DEVICES[0]
     return args + [f"--config.{k}={fmt_value(v)}" for k, v in over.items()]
+
+
+HOST_DEVICES = [0]  # --host_devices: 0 = the config's (a runner beside another job can take 1)
+BIG_PAIRS = [""]  # --big_pairs
+
+
+def big_pairs(root: str) -> str:
+    return BIG_PAIRS[0] or os.path.join(root, "pairs48k")
 
 
 def git_version() -> str:
@@ -238,7 +269,7 @@ def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
     stage = "stage1" if row["kind"] in ("stage1", "base") else "stage2"
     batch = 64
     rate = train_rate(log, stage)
-    metrics = {**report, "train_img_per_s": rate * batch if rate else None, **stage2_log(wd)}
+    metrics = {**report, "train_img_per_s": rate * batch if rate else None, **stage2_log(wd), **stage1_log(wd)}
     result = {**row, "cmd": " ".join(["python"] + cmd[1:]).replace(root, "$ROOT"), "wall_s": wall,
               "version": git_version(), "metrics": metrics}  # fmt: skip
     with open(done + ".tmp", "w") as f:
@@ -263,6 +294,47 @@ def stage2_log(wd: str) -> dict:
     if ratio:
         out["gan_grad_ratio"] = sum(ratio) / len(ratio)
     return out
+
+
+def stage1_log(wd: str) -> dict:
+    """From `<wd>/stage1/metrics.jsonl`: the EMA's held-out distillation loss at the last evaluation."""
+    path = os.path.join(wd, "stage1", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    recs = [json.loads(ln) for ln in open(path) if ln.strip()]
+    ev = [r for r in recs if "eval/ema_distill" in r]
+    return {"ema_distill": ev[-1]["eval/ema_distill"], "ema_distill_step": ev[-1]["step"]} if ev else {}
+
+
+def long_row(long_wd: str) -> dict:
+    """The Table 6 analogue's 10k-step row from a configs/mnist_long.py workdir: its stage-1 evaluation at step
+    10,000 (`eval.every` on all 500 held-out captions: the metrics of the report's student row, for the stage-1 EMA)
+    and the EMA's held-out distillation loss there."""
+    name, label, _, steps = next(t for t in T6 if t[0] == T6_LONG)
+    path = os.path.join(long_wd, "eval", f"stage1_step_{steps:08d}_subset500.json")
+    if not os.path.isfile(path):
+        return {}
+    ev = json.load(open(path))
+    s1 = stage1_log(long_wd)
+    recs = [json.loads(ln) for ln in open(os.path.join(long_wd, "stage1", "metrics.jsonl")) if ln.strip()]
+    rates = sorted(r["img_per_s"] for r in recs if "img_per_s" in r)
+    return {"table": "t6", "name": name, "label": label, "seed": 0, "kind": "long", "id": f"t6_{name}_s0",
+            "cmd": f"python -m d2g_jax.main --config=configs/mnist_long.py --workdir={long_wd}",
+            "version": git_version(),
+            "metrics": {**ev["metrics"], **s1, "train_img_per_s": rates[len(rates) // 2] if rates else None}}
+
+
+def ensure_big_pairs(root: str) -> None:
+    """The Table 6 analogue's 49,152-pair set (configs/mnist_long.py's pairs; the first 3,072 are `<root>/pairs`)."""
+    d = big_pairs(root)
+    m = os.path.join(d, "manifest.json")
+    if os.path.isfile(m) and json.load(open(m)).get("complete"):
+        return
+    cmd = [sys.executable, "-m", "d2g_jax.main", "--config=configs/mnist.py", f"--workdir={d}_run",
+           "--config.mode=pairs", "--config.pairs.seed=0", f"--config.pairs.num_pairs={T6_SET}",
+           f"--config.pairs.dir={d}"]  # fmt: skip
+    print(f"[{time.strftime('%H:%M:%S')}] big pairs: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def ensure_pairs(root: str) -> None:
@@ -374,10 +446,72 @@ def tables(root: str) -> str:
         res_open[("open", "full")] = res[("t2", "full")]
     parts += ["", table(res_open, "open", op, f"Open choices: stage 2, {S2} steps, from the Table-2 generator")]
     parts += ["", comparisons(res_open, [(("open", n), ("open", "full"), lab) for n, lab, _ in OPEN])]
+    if any(t == "t6" for t, _ in res):
+        parts += ["", t6_table(res)]
     fig5 = os.path.join(root, "fig5", "fig5.json")
     if os.path.isfile(fig5):
         parts += ["", fig5_table(json.load(open(fig5)))]
     return "\n".join(parts)
+
+
+def _t6_points(res) -> list[tuple[int, int, dict]]:
+    """(training pairs, steps, metrics) of the finished Table 6 rows."""
+    out = []
+    for name, _, n, steps in T6:
+        for r in res.get(("t6", name), []):
+            out.append((n or T6_SET - 64, steps, r["metrics"]))
+    return out
+
+
+def t6_table(res) -> str:
+    cols = (("fd", "FD ↓", "{:.2f}"), ("prompt_acc", "prompt acc ↑", "{:.3f}"),
+            ("fd_precision", "precision", "{:.3f}"), ("fd_recall", "recall", "{:.3f}"),
+            ("teacher_dist", "dist. to teacher ↓", "{:.4f}"), ("ema_distill", "held-out distill (EMA) ↓", "{:.4f}"),
+            ("train_img_per_s", "train img/s", "{:.0f}"))  # fmt: skip
+    lines = ["### Table 6 analogue: stage 1 (configs/mnist.py) vs training pairs and steps, batch 64, seed 0", "",
+             "| training pairs | steps | " + " | ".join(h for _, h, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for n, steps, m in _t6_points(res):
+        cells = [f.format(m[k]) if m.get(k) is not None else "—" for k, _, f in cols]
+        lines.append(f"| {n:,} | {steps:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def t6_plot(root: str, res, teacher: dict | None = None) -> str | None:
+    """FD and prompt accuracy vs training pairs (at 1k steps) and vs steps (on all pairs), log x axes;
+    `teacher`: the teacher's 50-step row (dashed line) if known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = _t6_points(res)
+    if not pts:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    big = max(n for n, _, _ in pts)
+    for col, (xs, sel, xlabel) in enumerate(((lambda p: p[0], lambda p: p[1] == 1000, "training pairs (1k steps)"),
+                                             (lambda p: p[1], lambda p: p[0] == big, f"steps ({big:,} pairs)"))):
+        chosen = sorted((p for p in pts if sel(p)), key=xs)
+        for row, (k, label) in enumerate((("fd", "FD (world features) ↓"), ("prompt_acc", "prompt accuracy ↑"))):
+            ax = axes[row, col]
+            ax.plot([xs(p) for p in chosen], [p[2][k] for p in chosen], "o-", label="student (stage 1 EMA)")
+            if teacher and k in teacher:
+                ax.axhline(teacher[k], ls="--", c="k", lw=1, label="teacher, 50-step ODE")
+            ax.set_xscale("log")
+            if k == "fd":
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            for p in chosen:
+                ax.annotate(f"{p[2][k]:.3g}", (xs(p), p[2][k]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("MNIST world, Table 6 analogue: stage 1 vs pairs and steps (batch 64, seed 0)")
+    fig.tight_layout()
+    out = os.path.join(root, "table6.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,11 +670,26 @@ def main() -> None:
     ap.add_argument("--tables", action="store_true", help="only print/write the tables of the finished rows")
     ap.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
     ap.add_argument("--grids", action="store_true", help="only draw the sample grids of the finished rows (seed 0)")
+    ap.add_argument("--big_pairs", default="", help="the Table 6 analogue's 49,152-pair set (default <root>/pairs48k; "
+                    "made when missing)")  # fmt: skip
+    ap.add_argument("--long", default="", help="a configs/mnist_long.py workdir: its stage-1 step-10k evaluation is "
+                    "the Table 6 analogue's 10k-step row (else the row is run)")  # fmt: skip
+    ap.add_argument("--teacher", default="", help="a report.json whose teacher row is drawn in the Table 6 plot")
+    ap.add_argument("--host_devices", type=int, default=0, help="config.cpu.host_devices of the rows (0: the config)")
     a = ap.parse_args()
+    HOST_DEVICES[0], BIG_PAIRS[0] = a.host_devices, a.big_pairs
     root = os.path.abspath(a.root)
     seeds = tuple(int(s) for s in a.seeds.split(","))
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     todo = [r for r in rows(root, a.base, seeds) if not only or r["table"] in only]
+    if a.long:  # the 10k-step row is the long recipe's stage 1
+        todo = [r for r in todo if not (r["table"] == "t6" and r["name"] == T6_LONG)]
+        lr = long_row(os.path.abspath(a.long))
+        if lr:
+            d = os.path.join(root, "rows", lr["id"])
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "row.json"), "w") as f:
+                json.dump(lr, f, indent=1)
     if a.grids:
         grids(root)
         return
@@ -549,13 +698,23 @@ def main() -> None:
             print(r["id"], " ".join(command(r, root, a.base)[1:]))
         return
     if not a.tables:
-        ensure_pairs(root)
+        if any(r["table"] == "t6" for r in todo):
+            ensure_big_pairs(root)
+        if any(r["table"] != "t6" for r in todo):
+            ensure_pairs(root)
         if not only or "fig5" in only:
             if not os.path.isfile(os.path.join(root, "fig5", "fig5.json")):
                 fig5(root, seeds)
         for r in todo:
             run_row(r, root, a.base)
     text = tables(root)
+    teacher = None
+    if a.teacher:
+        teacher = json.load(open(a.teacher)).get("teacher, 50-step ODE")
+    if not only or "t6" in only:
+        png = t6_plot(root, load_results(root), teacher)
+        if png:
+            print(f"Table 6 plot: {png}")
     with open(os.path.join(root, "tables.md"), "w") as f:
         f.write(text + "\n")
     print(text)

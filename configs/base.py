@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.dtype = "bfloat16"  # Table A1: bfloat16 compute; master weights and optimiser state float32
     c.train.remat = "none"  # U-Net block remat: "none" or a jax.checkpoint_policies name (e.g. nothing_saveable)
     c.train.holdout = 256  # last pairs of the dataset held out for eval metrics and the sample grid
+    # Train (both stages) on the first max_pairs pairs of the set only (0: all but the held-out ones). The held-out
+    # pairs stay the set's last `holdout`, so rows at several pair counts on prefixes of one set share them
+    # (FIDELITY.md, the Table 6 analogue).
+    c.train.max_pairs = 0
     c.train.num_samples = 8  # columns of the teacher-vs-student sample grid
     c.train.log_every = 100  # steps between train metric writes (TensorBoard, log, <stage>/metrics.jsonl)
     c.train.eval_every = 2000  # steps between held-out evaluations (0 = never)
@@ -280,6 +284,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size; -1 = all devices not used by fsdp
     c.mesh.fsdp = 1  # parameter-sharding axis size
+
+    # The host CPU as JAX devices (applied by d2g_jax.main before JAX starts; ignored by GPU/TPU computations). XLA
+    # runs one CPU device's program on about one core; N devices put the data-parallel mesh across the cores (the
+    # MNIST world on 2 cores: 1.5-1.6x the pairs/s and steps/s of 1 device, BENCHMARKS.md). 0 = JAX's default (1).
+    # An XLA_FLAGS --xla_force_host_platform_device_count set by hand wins over it.
+    c.cpu = ml_collections.ConfigDict()
+    c.cpu.host_devices = 0
 
     # A stand-in world for the teacher and its datasets (configs/mnist.py): a module whose `prepare(config, workdir)`
     # checks/writes its files and returns values for empty config fields (teacher.path, pairs.prompts, eval.real,

@@ -16,6 +16,8 @@ def get_config():
     c = base.get_config()
     c.world.provider = "d2g_jax.world.mnist"  # fills teacher.path, loss.ckpt_dir, pairs/eval prompts, eval.real, …
     c.teacher.dtype = "float32"  # bf16 on this CPU is slower than fp32
+    # The 2 cores as 2 JAX devices (bench/throughput.py, BENCHMARKS.md: pairs 1.49×, stage 1 1.08× of 1 device).
+    c.cpu.host_devices = 2
     c.pairs.guidance_scale = 3.0  # SD-CFG-3's teacher ODE
     c.pairs.num_steps = 50  # Table A1: 50 DDIM steps
     c.pairs.resolution = 32

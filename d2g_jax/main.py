@@ -86,6 +86,18 @@ def parse_flags(argv):
         raise SystemExit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.") from None
 
 
+def host_devices(config) -> None:
+    """`config.cpu.host_devices` > 0: the host CPU as that many JAX devices (before any backend starts). A device
+    count in XLA_FLAGS (set by hand, e.g. by the tests) wins; a count JAX already holds is left as it is."""
+    n = int(config.get("cpu", {}).get("host_devices", 0) or 0)
+    if n <= 0:
+        return
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        logging.info("config.cpu.host_devices=%d not applied: XLA_FLAGS sets the host device count", n)
+        return
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -93,6 +105,7 @@ def main(argv):
 
     console.setup(_VERBOSE.value)
     console.set_command(sys.argv[1:])
+    host_devices(_CONFIG.value)
     init_distributed()
     from d2g_jax import pipeline
     from d2g_jax.validate import ConfigError, validate

@@ -169,6 +169,7 @@ def _world_resolved(config: ml_collections.ConfigDict) -> bool:
 def _common(r: _Rules) -> None:
     r.int_("seed", 0)
     r.float_("log_every_s", 0, lo_open=True)
+    r.int_("cpu.host_devices", 0)
     data, fsdp = r.int_("mesh.data"), r.int_("mesh.fsdp")
     n = jax.device_count()
     for f, v in (("mesh.data", data), ("mesh.fsdp", fsdp)):
@@ -280,6 +281,7 @@ def _train(r: _Rules) -> None:
     r.dtype("train.dtype")
     r.remat("train.remat")
     r.int_("train.holdout", 0)
+    r.int_("train.max_pairs", 0)
     r.int_("train.num_samples", 0)
     _cadence(r, "train")
     r.int_("train.keep", 1)

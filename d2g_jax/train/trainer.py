@@ -101,11 +101,19 @@ class Trainer:
         source = PairsSource(pairs_dir, expect=expect)
         self.loss_fn, loss_vars = load_distill_loss(config, teacher_folder)
 
-        # Data: the first N − holdout pairs train, the last `holdout` are held out for evaluation and samples.
+        # Data: the first N − holdout pairs train (or the first `train.max_pairs` of them: a pair-count scaling row
+        # on a prefix of one larger set), the last `holdout` are held out for evaluation and samples.
         n_pairs = len(source)
         self.source, self.holdout = source, min(int(t.holdout), n_pairs // 2)
+        n_train = n_pairs - self.holdout
+        max_pairs = int(self.config.train.get("max_pairs", 0))  # both stages
+        if max_pairs > n_train:
+            raise ValueError(f"config.train.max_pairs={max_pairs}: {pairs_dir} has {n_pairs} pairs, {self.holdout} "
+                             f"of them held out, so at most {n_train} train; generate a larger set "
+                             "(config.pairs.num_pairs) or lower max_pairs (0 = all).")  # fmt: skip
+        self.n_train = max_pairs or n_train
         self.loader = make_loader(source, global_batch_size=t.batch_size, seed=self.data_seed(),
-                                  limit=n_pairs - self.holdout, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
+                                  limit=self.n_train, read_threads=4, prefetch=int(t.prefetch))  # fmt: skip
 
         # Shardings, optimiser, frozen inputs.
         rep = shd.replicated(self.mesh)
