@@ -33,6 +33,7 @@ changes the training noise (data order, augmentations, mix-and-match, D's z-conv
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -266,7 +267,7 @@ def _run_locked(row: dict, root: str, base: str, wd: str, done: str) -> dict:
         print(f"  FAILED (rc {rc}) after {wall:.0f} s; last lines of {wd}/row.log:\n{tail}")
         return {}
     report = json.load(open(os.path.join(wd, "report", "report.json")))[STUDENT]
-    stage = "stage1" if row["kind"] in ("stage1", "base") else "stage2"
+    stage = "stage1" if row["kind"] in ("stage1", "base", "scale") else "stage2"
     batch = 64
     rate = train_rate(log, stage)
     metrics = {**report, "train_img_per_s": rate * batch if rate else None, **stage2_log(wd), **stage1_log(wd)}
@@ -476,13 +477,25 @@ def t6_table(res) -> str:
     return "\n".join(lines)
 
 
-def t6_plot(root: str, res, teacher: dict | None = None) -> str | None:
+def long_curve(long_wd: str) -> list[tuple[int, dict]]:
+    """(step, metrics) of a configs/mnist_long.py run's stage-1 evaluations (`eval.every`, all 500 captions): the
+    EMA along one 10k-step schedule, not runs of those lengths."""
+    out = []
+    for f in sorted(glob.glob(os.path.join(long_wd, "eval", "stage1_step_*_subset500.json"))):
+        ev = json.load(open(f))
+        out.append((int(ev["step"]), ev["metrics"]))
+    return out
+
+
+def t6_plot(root: str, res, teacher: dict | None = None, curve: list[tuple[int, dict]] | None = None) -> str | None:
     """FD and prompt accuracy vs training pairs (at 1k steps) and vs steps (on all pairs), log x axes;
-    `teacher`: the teacher's 50-step row (dashed line) if known."""
+    `teacher`: the teacher's 50-step row (dashed line) if known; `curve`: the 10k-step run's EMA along its schedule
+    (`long_curve`, dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     pts = _t6_points(res)
     if not pts:
@@ -494,18 +507,26 @@ def t6_plot(root: str, res, teacher: dict | None = None) -> str | None:
         chosen = sorted((p for p in pts if sel(p)), key=xs)
         for row, (k, label) in enumerate((("fd", "FD (world features) ↓"), ("prompt_acc", "prompt accuracy ↑"))):
             ax = axes[row, col]
-            ax.plot([xs(p) for p in chosen], [p[2][k] for p in chosen], "o-", label="student (stage 1 EMA)")
+            ax.plot([xs(p) for p in chosen], [p[2][k] for p in chosen], "o-", label="stage 1 EMA, one run each")
+            if col == 1 and curve:
+                ax.plot([c[0] for c in curve], [c[1][k] for c in curve], "s:", c="tab:orange", ms=4,
+                        label="the 10k-step run's EMA along its schedule")  # fmt: skip
             if teacher and k in teacher:
                 ax.axhline(teacher[k], ls="--", c="k", lw=1, label="teacher, 50-step ODE")
             ax.set_xscale("log")
             if k == "fd":
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_xticks(sorted({xs(p) for p in chosen} | ({c[0] for c in curve} if col == 1 and curve else set())))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
             for p in chosen:
                 ax.annotate(f"{p[2][k]:.3g}", (xs(p), p[2][k]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 1].legend(fontsize=7)
     fig.suptitle("MNIST world, Table 6 analogue: stage 1 vs pairs and steps (batch 64, seed 0)")
     fig.tight_layout()
     out = os.path.join(root, "table6.png")
@@ -710,9 +731,9 @@ def main() -> None:
     text = tables(root)
     teacher = None
     if a.teacher:
-        teacher = json.load(open(a.teacher)).get("teacher, 50-step ODE")
+        teacher = next((v for k, v in json.load(open(a.teacher)).items() if k.startswith("teacher, 50-step")), None)
     if not only or "t6" in only:
-        png = t6_plot(root, load_results(root), teacher)
+        png = t6_plot(root, load_results(root), teacher, long_curve(os.path.abspath(a.long)) if a.long else None)
         if png:
             print(f"Table 6 plot: {png}")
     with open(os.path.join(root, "tables.md"), "w") as f:

@@ -8,41 +8,19 @@ import sys
 
 import numpy as np
 import pytest
+from train_test import _config  # the tiny config on conftest's `data`: 48 pairs, 40 train + 8 held out
 
 from configs import tiny
-from d2g_jax import pipeline
 from d2g_jax.validate import ConfigError, validate
-from d2g_jax.workdir import TINY_PROMPTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("scaling"))
-    with open(os.path.join(base, "prompts.txt"), "w") as f:
-        f.write("\n".join(TINY_PROMPTS) + "\n")
-    c = tiny.get_config()
-    c.pairs.num_pairs = 48
-    c.pairs.prompts = os.path.join(base, "prompts.txt")
-    pipeline.run_pairs(c, base)
-    return os.path.join(base, "tiny_teacher"), os.path.join(base, "pairs"), c.pairs.prompts
-
-
-def _config(teacher, pairs, prompts):
-    c = tiny.get_config()
-    c.teacher.tiny, c.teacher.path, c.pairs.dir, c.pairs.prompts = False, teacher, pairs, prompts
-    c.pairs.num_pairs = 48  # 40 train + 8 held out
-    c.train.eval_every = c.train.sample_every = 0
-    c.stage2.num_steps = 0
-    return c
 
 
 def test_max_pairs_trains_on_a_prefix_and_keeps_the_holdout(data, tmp_path):
     from d2g_jax.train.trainer import Trainer
 
-    teacher, pairs, prompts = data
-    c = _config(teacher, pairs, prompts)
+    teacher, pairs = data
+    c = _config(teacher, pairs)
     full = Trainer(c, str(tmp_path / "full"), teacher, pairs)
     c.train.max_pairs = 12
     tr = Trainer(c, str(tmp_path / "prefix"), teacher, pairs)
@@ -66,8 +44,8 @@ def test_max_pairs_trains_on_a_prefix_and_keeps_the_holdout(data, tmp_path):
 def test_max_pairs_larger_than_the_set_is_refused(data, tmp_path):
     from d2g_jax.train.trainer import Trainer
 
-    teacher, pairs, prompts = data
-    c = _config(teacher, pairs, prompts)
+    teacher, pairs = data
+    c = _config(teacher, pairs)
     c.train.max_pairs = 41
     with pytest.raises(ValueError, match=r"config.train.max_pairs=41: .* has 48 pairs, 8 of them held out, so at "
                                          r"most 40 train"):  # fmt: skip

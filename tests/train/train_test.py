@@ -20,7 +20,6 @@ from configs import tiny
 from d2g_jax import pipeline
 from d2g_jax.data.pairs_writer import PairsError
 from d2g_jax.train.checkpoint import RunMismatchError
-from d2g_jax.workdir import TINY_PROMPTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,19 +34,6 @@ def _config(teacher: str, pairs: str, **train):
     for k, v in train.items():
         setattr(c.train, k, v)
     return c
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """One tiny teacher and one pair set shared by the tests (each run still has its own workdir)."""
-    base = str(tmp_path_factory.mktemp("stage1"))
-    with open(os.path.join(base, "prompts.txt"), "w") as f:
-        f.write("\n".join(TINY_PROMPTS) + "\n")
-    c = tiny.get_config()
-    c.pairs.num_pairs = 48
-    c.pairs.prompts = os.path.join(base, "prompts.txt")
-    pipeline.run_pairs(c, base)
-    return os.path.join(base, "tiny_teacher"), os.path.join(base, "pairs")
 
 
 def _jsonl(path):
