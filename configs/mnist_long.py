@@ -1,5 +1,6 @@
 """The MNIST world's long recipe: configs/mnist.py with 16× its pairs and 10× its stage-1 steps, sized from the
-Table 6 analogue (FIDELITY.md, "Pairs and steps") to one working day's run on a 2-core machine.
+Table 6 analogue (FIDELITY.md, "Pairs and steps"): ~1.6 h on the fast 2-core machine of BENCHMARKS.md, an
+estimated 4-4.5 h on the slow end of the machines measured.
 
     python -m d2g_jax.main --config=configs/mnist_long.py --workdir=/tmp/d2g_mnist_long
 
