@@ -103,7 +103,8 @@ def run_row(row: str, overrides: dict, args) -> dict:
     base = {"seed": args.seed, "stage2.init_from": os.path.abspath(args.base),
             "pairs.dir": os.path.join(os.path.abspath(args.base), "pairs"), "stage2.num_steps": args.steps,
             "stage2.batch_size": args.batch, "train.holdout": args.holdout, "stage2.eval_every": 0,
-            "stage2.sample_every": 0, **({} if args.g_train else FROZEN), **OLD_D, **overrides}  # fmt: skip
+            "stage2.sample_every": 0, "stage2.log_grad_parts": True,  # gan_grad_ratio (configs/mnist.py: off)
+            **({} if args.g_train else FROZEN), **OLD_D, **overrides}  # fmt: skip
     for k, v in base.items():
         node = config
         *path, last = k.split(".")

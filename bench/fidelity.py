@@ -159,7 +159,8 @@ def command(row: dict, root: str, base: str) -> list[str]:
     else:
         n2 = S2B if row["kind"] == "stage2b" else S2
         over = {"stage2.init_from": base or os.path.join(root, "rows", "t2_base_s0"), "train.num_steps": BASE_STEPS,
-                "stage2.num_steps": n2, "stage2.ckpt_every": n2}  # fmt: skip
+                "stage2.num_steps": n2, "stage2.ckpt_every": n2,
+                "stage2.log_grad_parts": True}  # the ‖∇G GAN‖/‖∇G distil‖ column (configs/mnist.py: off)  # fmt: skip
         if row["kind"] == "stage2b":  # D's held-out accuracy in stage2/metrics.jsonl
             over["stage2.eval_every"] = S2B // 5
     over.update(row["over"])
@@ -518,7 +519,11 @@ def t6_plot(root: str, res, teacher: dict | None = None, curve: list[tuple[int, 
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_xticks(sorted({xs(p) for p in chosen} | ({c[0] for c in curve} if col == 1 and curve else set())))
+            ticks = sorted({xs(p) for p in chosen})  # the runs' own; the curve's where no run's label is within 1.4×
+            for c in ({c[0] for c in curve} if col == 1 and curve else set()):
+                if all(max(c, x) / min(c, x) >= 1.4 for x in ticks):
+                    ticks.append(c)
+            ax.set_xticks(sorted(ticks))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)

@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
     # FIDELITY.md: alternating = simultaneous to two decimals on the MNIST world (FD 18.03 / 18.47, seeds 0 / 1);
     # every config keeps "simultaneous" (4 passes, no measured gain from the 5th).
     c.stage2.update_order = "simultaneous"
+    # G's distillation and GAN gradients pulled back through G apart, to log their norms and ratio (g_grad_distill,
+    # g_grad_gan, gan_grad_ratio; paper: not logged): one more G backward per step. False: their sum is pulled back
+    # once (the same update up to float rounding), the three are not logged — on the MNIST world's 2-core CPU the
+    # stage-2 step takes 0.73× the time and compiles in 0.86× (bench/compile_probe.py, BENCHMARKS.md).
+    c.stage2.log_grad_parts = True
     c.stage2.log_every = 100
     c.stage2.eval_every = 1000  # 0 = never
     c.stage2.sample_every = 1000  # 0 = never
@@ -292,6 +297,12 @@ def get_config() -> ml_collections.ConfigDict:
     # An XLA_FLAGS --xla_force_host_platform_device_count set by hand wins over it.
     c.cpu = ml_collections.ConfigDict()
     c.cpu.host_devices = 0
+
+    # JAX's persistent compilation cache (set by d2g_jax.main before anything compiles): a compiled program is
+    # stored there and reused by every later compile of the same program — in this run (stage 2's held-out eval and
+    # grid are stage 1's programs) and by reruns, resumes and other runs of the same shapes. "" = off; a relative
+    # path is inside the workdir. Programs that compile in under 1 s are not stored.
+    c.jax_cache_dir = ""
 
     # A stand-in world for the teacher and its datasets (configs/mnist.py): a module whose `prepare(config, workdir)`
     # checks/writes its files and returns values for empty config fields (teacher.path, pairs.prompts, eval.real,

@@ -6,11 +6,15 @@ estimated 4-4.5 h on the slow end of the machines measured.
 
 Same world, teacher, loss, batch and learning rates as configs/mnist.py; only the budget differs:
 
-* pairs: 49,152 teacher ODE pairs (48 shards of 1,024), the first 3,072 of which are configs/mnist.py's set;
+* pairs: 49,152 teacher ODE pairs (48 shards of 1,024), the first 4,096 of which are configs/mnist.py's set;
 * stage 1: 10,000 steps at batch 64 (640k samples, ~13 epochs of the pairs), lr 5e-4 → 1e-5 cosine;
 * stage 2: 500 steps of the full conditional GAN (configs/mnist.py's D);
 * the paper's metrics of the EMA generator on all 500 held-out captions every 2,500 steps
   (`<workdir>/eval/*.json`), so the run itself draws its steps curve.
+
+The run measured in BENCHMARKS.md (2026-12-05) pulled G's two stage-2 gradient parts back apart
+(`stage2.log_grad_parts=True`, the default then); it inherits configs/mnist.py's False now: the same update up to
+float rounding, its stage 2 ~0.73× the time per step.
 
 Resumable: every phase continues from its last checkpoint / shard when the same command is run again (a machine
 that cannot give it one sitting runs it in several). Phase times on the machines measured: BENCHMARKS.md.

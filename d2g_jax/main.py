@@ -98,6 +98,18 @@ def host_devices(config) -> None:
     jax.config.update("jax_num_cpu_devices", n)
 
 
+def compile_cache(config, workdir: str) -> str:
+    """`config.jax_cache_dir` (relative: inside the workdir) as JAX's persistent compilation cache; "" = off."""
+    d = str(config.get("jax_cache_dir", "") or "")
+    if not d:
+        return ""
+    d = os.path.join(workdir, d) if not os.path.isabs(os.path.expanduser(d)) else os.path.expanduser(d)
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return d
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -106,6 +118,7 @@ def main(argv):
     console.setup(_VERBOSE.value)
     console.set_command(sys.argv[1:])
     host_devices(_CONFIG.value)
+    compile_cache(_CONFIG.value, _WORKDIR.value)
     init_distributed()
     from d2g_jax import pipeline
     from d2g_jax.validate import ConfigError, validate

@@ -348,6 +348,8 @@ def _stage2(r: _Rules) -> None:
     from d2g_jax.train.stage2 import UPDATES
 
     r.choice("stage2.update_order", UPDATES)
+    if not isinstance(c.stage2.log_grad_parts, bool):
+        r.fail(f"config.stage2.log_grad_parts={c.stage2.log_grad_parts!r} must be True or False.")
     _cadence(r, "stage2")
     _optimiser(r, "disc", steps)
     r.remat("disc.remat", allow_empty=True)

@@ -237,8 +237,9 @@ class Evaluator:
         t0 = time.perf_counter()
         col = _Collector(self, save_dir, save_num, t0)
         n_teacher = max(col.n_ds, col.n_td)
-        cache = self._teacher_cache(sampler, teacher_ode, n_teacher) if n_teacher and not use_teacher else None
-        cached = np.load(cache)["images"] if cache and os.path.isfile(cache) else None
+        # the teacher's own row writes the cache its images are (the later rows' teacher_dist then runs no ODE)
+        cache = self._teacher_cache(sampler, teacher_ode, n_teacher) if n_teacher else None
+        cached = np.load(cache)["images"] if cache and os.path.isfile(cache) and not use_teacher else None
         made = []
         bs = sampler.batch_size
         gen_s, gen_n = 0.0, 0  # generation time after the first (compiling) batch
@@ -254,6 +255,7 @@ class Evaluator:
                 k = min(len(p), n_teacher - start)
                 if use_teacher:
                     ref = img[:k]
+                    made.append(ref)
                 elif cached is not None:
                     ref = cached[start : start + k]
                 else:
@@ -261,7 +263,7 @@ class Evaluator:
                     made.append(ref)
             if self.is_main:
                 col.add(img, start, teacher=ref, seeds=self.seeds[start : start + bs])
-        if cache and cached is None and made and self.is_main:
+        if cache and cached is None and made and self.is_main and not (use_teacher and os.path.isfile(cache)):
             from d2g_jax import files
 
             os.makedirs(os.path.dirname(cache), exist_ok=True)

@@ -122,9 +122,12 @@ def mix_match_types(dc: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, dtx, dlr_fn, *, distill_weight: float,
-                     gan_weight: float, update: str = "simultaneous", data_groups: int = 1):  # fmt: skip
+                     gan_weight: float, update: str = "simultaneous", data_groups: int = 1,
+                     log_grad_parts: bool = True):  # fmt: skip
     """The pure stage-2 step `(state, frozen, batch) → (state, metrics)` (see the module docstring).
-    `update`: config.stage2.update_order; `data_groups`: the devices the batch is split over (R1 per device)."""
+    `update`: config.stage2.update_order; `data_groups`: the devices the batch is split over (R1 per device);
+    `log_grad_parts` (config.stage2.log_grad_parts): G's distillation and GAN gradients pulled back through G
+    separately and their norms logged (one more G backward per step), else their sum pulled back once."""
     if update not in UPDATES:
         raise ValueError(f"config.stage2.update_order={update!r}: choose one of {UPDATES}.")
     ac = np.asarray(gen.schedule.alphas_cumprod, np.float32)
@@ -162,25 +165,32 @@ def make_stage2_step(gen, disc: Discriminator, text, loss_fn, t, dc, tx, lr_fn, 
         else:
             td, eps = jnp.full((b,), int(dc.timestep), jnp.int32), None
 
-        # G's gradient as the sum of its two parts, each pulled back through G separately (one more G backward
-        # than a single value_and_grad; the control, λ_GAN = 0, skips it): their norms are logged.
+        # G's gradient as the sum of its two parts: each pulled back through G separately when their norms are
+        # logged (log_grad_parts: one more G backward), else the summed cotangent once (the control, λ_GAN = 0,
+        # has one part only).
         x0, g_vjp = jax.vjp(lambda p: gen(p, z, cond), state.params)
         distill_of = lambda x: jnp.mean(loss_fn(frozen["loss"], x, real, k_loss).astype(jnp.float32))
         gan_of = lambda x: ns_g_loss(d_apply(state.disc, augment(x, td, eps), z, td, cond))
         d, dx_d = jax.value_and_grad(distill_of)(x0)
-        (g_distill,) = g_vjp((distill_weight * dx_d).astype(x0.dtype))
+        ct_d = (distill_weight * dx_d).astype(x0.dtype)
         if gan_weight != 0:
             gan, dx_g = jax.value_and_grad(gan_of)(x0)
-            (g_gan,) = g_vjp((gan_weight * dx_g).astype(x0.dtype))
-            grads = jax.tree.map(jnp.add, g_distill, g_gan)
-            n_distill, n_gan = global_norm(g_distill), global_norm(g_gan)
+            ct_g = (gan_weight * dx_g).astype(x0.dtype)
+            if log_grad_parts:
+                (g_distill,), (g_gan,) = g_vjp(ct_d), g_vjp(ct_g)
+                grads = jax.tree.map(jnp.add, g_distill, g_gan)
+                n_distill, n_gan = global_norm(g_distill), global_norm(g_gan)
+            else:
+                (grads,) = g_vjp((ct_d + ct_g).astype(x0.dtype))
         else:
             gan = gan_of(x0)
-            grads = g_distill
-            n_distill, n_gan = global_norm(g_distill), jnp.float32(0.0)
+            (grads,) = g_vjp(ct_d)
+            n_distill, n_gan = global_norm(grads), jnp.float32(0.0)
         loss = distill_weight * d + gan_weight * gan
-        aux = {"distill": d, "gan_g": gan, "mse": jnp.mean((x0 - real) ** 2), "g_grad_distill": n_distill,
-               "g_grad_gan": n_gan, "gan_grad_ratio": n_gan / jnp.maximum(n_distill, 1e-30)}  # fmt: skip
+        aux = {"distill": d, "gan_g": gan, "mse": jnp.mean((x0 - real) ** 2)}
+        if log_grad_parts:
+            aux.update({"g_grad_distill": n_distill, "g_grad_gan": n_gan,
+                        "gan_grad_ratio": n_gan / jnp.maximum(n_distill, 1e-30)})  # fmt: skip
         if update == "alternating":  # D's fakes come from G after this step's update (the guarded update below
             # applies the same one: the values agree, and a non-finite step is discarded whole)
             g_updates, _ = tx.update(grads, state.opt_state, state.params)

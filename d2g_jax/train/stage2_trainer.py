@@ -97,7 +97,8 @@ class Stage2Trainer(Trainer):
         return make_stage2_step(self.gen, self.disc, self.text, self.loss_fn, self.t, self.config.disc, self.tx,
                                 self.lr_fn, self.dtx, self.dlr_fn, distill_weight=float(self.config.loss.weight),
                                 gan_weight=float(self.config.stage2.gan_weight), update=self.config.stage2.update_order,
-                                data_groups=int(self.mesh.devices.size))  # fmt: skip
+                                data_groups=int(self.mesh.devices.size),
+                                log_grad_parts=bool(self.config.stage2.log_grad_parts))  # fmt: skip
 
     # --- the stage switch ---
 

@@ -256,3 +256,42 @@ def test_teacher_images_are_cached_per_teacher(setup, monkeypatch, tmp_path):
     assert KeyedFakeSampler.calls > calls
     assert result()["teacher_dist_pixel"] != first["teacher_dist_pixel"]
     assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == 2
+
+
+def test_the_teacher_row_writes_the_teacher_image_cache(setup, monkeypatch, tmp_path):
+    """The teacher's own row (eval.teacher) generates exactly the images teacher_dist compares with: it writes them to
+    the cache, so a later row on the same (prompts, seeds) runs no teacher ODE and gets the same distance as if it
+    had; a rerun of the teacher row leaves the file as it is."""
+    from d2g_jax.generate import OneStepSampler
+
+    c, wd, _, _ = setup
+    c = c.copy_and_resolve_references()
+    c.eval.metrics, c.eval.save_images = "teacher_dist", 0
+    c.eval.unet = os.path.join(wd, "tiny_teacher", "unet")
+    sampler = KeyedFakeSampler()
+    sampler.teacher_key = "fake-teacher-a"
+    monkeypatch.setattr(OneStepSampler, "load", staticmethod(lambda *a, **k: sampler))
+    result = lambda: json.load(open(os.path.join(wd, "eval", "unet_tiny_teacher_8.json")))["metrics"]
+
+    c.eval.stats_dir = str(tmp_path / "fresh")  # no cache: the student row computes the teacher images itself
+    KeyedFakeSampler.calls = 0
+    pipeline.run(c, wd)
+    want, alone = result(), KeyedFakeSampler.calls
+    assert alone >= 1
+
+    c.eval.stats_dir = str(tmp_path / "cache")
+    teacher = c.copy_and_resolve_references()
+    teacher.eval.teacher = True
+    KeyedFakeSampler.calls = 0
+    pipeline.run(teacher, wd)
+    cache = os.path.join(c.eval.stats_dir, "teacher_images")
+    files_ = [f for f in os.listdir(cache) if f.endswith(".npz")]
+    assert len(files_) == 1
+    stamp = os.stat(os.path.join(cache, files_[0])).st_mtime_ns
+    KeyedFakeSampler.calls = 0
+    pipeline.run(c, wd)
+    assert KeyedFakeSampler.calls == 0  # the teacher row's images served teacher_dist
+    got = result()
+    assert got["teacher_dist"] == want["teacher_dist"] and got["teacher_dist_pixel"] == want["teacher_dist_pixel"]
+    pipeline.run(teacher, wd)
+    assert os.stat(os.path.join(cache, files_[0])).st_mtime_ns == stamp

@@ -683,6 +683,22 @@ def test_g_gradient_parts_and_d_accuracy(toy):
     np.testing.assert_allclose(m0["grad_norm"], norm(gd), rtol=1e-5)
 
 
+def test_g_gradient_parts_not_logged_is_the_same_update(toy):
+    """config.stage2.log_grad_parts=False pulls G's summed gradient back once: the same update and gradient norm as
+    the two parts pulled back apart (float rounding apart), and no part norms in the metrics."""
+    dc = toy.config.disc
+    _, opt = make_state(toy.gp, toy.dp, toy.t, dc)
+    make = lambda parts: jax.jit(make_stage2_step(toy.gen, toy.disc, toy.text, toy.loss_fn, toy.t, dc, *opt,
+                                                  distill_weight=1.0, gan_weight=0.25, log_grad_parts=parts))  # fmt: skip
+    new_e, m_e = jax.device_get(make(True)(toy.state, toy.frozen, toy.batch))
+    new_o, m_o = jax.device_get(make(False)(toy.state, toy.frozen, toy.batch))
+    assert float(m_e["g_grad_gan"]) > 0
+    _assert_trees_close(new_o.params, new_e.params, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m_o["grad_norm"], m_e["grad_norm"], rtol=1e-5)
+    assert not {"g_grad_distill", "g_grad_gan", "gan_grad_ratio"} & set(m_o)
+    assert set(m_e) - set(m_o) == {"g_grad_distill", "g_grad_gan", "gan_grad_ratio"}
+
+
 @pytest.mark.slow  # the stage1_run fixture + a tiny stage-2 run (~1 min on 2 shared cores)
 def test_stage2_logs_r1_over_the_interval_and_d_accuracy(stage1_run, tmp_path):
     """R1 every 2 steps from step 0 and a log every 2 steps: the logged rows are steps 2 and 4, neither an R1 step

@@ -90,3 +90,24 @@ def test_mnist_configs_use_two_host_devices_and_the_long_recipe_is_the_same_stag
     a, b = run_identity(short), run_identity(long)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     assert diff == ["pairs.num_pairs", "stage2.num_steps", "train.num_steps"], diff
+
+
+def test_jax_cache_dir_is_inside_the_workdir_and_jax_writes_there(tmp_path):
+    """config.jax_cache_dir: a relative path is JAX's persistent compilation cache inside the workdir (compiled
+    programs land there; the 1 s floor is lowered here so that a tiny program counts), an absolute one is kept, ""
+    leaves the cache off."""
+    code = ("import os, sys, jax, jax.numpy as jnp, ml_collections\nfrom d2g_jax.main import compile_cache\n"
+            "wd = sys.argv[1]\n"
+            "print('OFF', repr(compile_cache(ml_collections.ConfigDict({'jax_cache_dir': ''}), wd)))\n"
+            "print('ABS', compile_cache(ml_collections.ConfigDict({'jax_cache_dir': '/abs/cache'}), wd))\n"
+            "d = compile_cache(ml_collections.ConfigDict({'jax_cache_dir': 'jc'}), wd)\n"
+            "print('DIR', d, jax.config.jax_compilation_cache_dir)\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.arange(5.0)).block_until_ready()\n"
+            "print('FILES', len(os.listdir(d)) if os.path.isdir(d) else 0)\n")  # fmt: skip
+    wd = str(tmp_path / "wd")
+    out = subprocess.run([sys.executable, "-c", code, wd], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = dict(ln.split(" ", 1) for ln in out.splitlines() if ln.split(" ", 1)[0] in ("OFF", "ABS", "DIR", "FILES"))
+    assert lines["OFF"] == "''" and lines["ABS"] == "/abs/cache"
+    assert lines["DIR"] == f"{wd}/jc {wd}/jc"
+    assert int(lines["FILES"]) >= 1
