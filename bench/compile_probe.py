@@ -31,10 +31,14 @@ for p in (REPO, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, p)
 
 # variant → (XLA flags added to 2 host devices, config overrides)
-VARIANTS = {"base": ("", {}), "opt1": ("--xla_backend_optimization_level=1", {}),
-            "opt0": ("--xla_backend_optimization_level=0", {}),
-            "noexp": ("--xla_llvm_disable_expensive_passes=true", {}),
-            "parts": ("", {"stage2.log_grad_parts": True}), "no_parts": ("", {"stage2.log_grad_parts": False})}
+VARIANTS = {
+    "base": ("", {}),
+    "opt1": ("--xla_backend_optimization_level=1", {}),
+    "opt0": ("--xla_backend_optimization_level=0", {}),
+    "noexp": ("--xla_llvm_disable_expensive_passes=true", {}),
+    "parts": ("", {"stage2.log_grad_parts": True}),
+    "no_parts": ("", {"stage2.log_grad_parts": False}),
+}
 
 
 def child(a) -> None:
@@ -43,10 +47,10 @@ def child(a) -> None:
     import jax
     import numpy as np
     from absl import logging
+    from step_profile import load_config
 
     from d2g_jax import console, pipeline
     from d2g_jax import sharding as shd
-    from step_profile import load_config
 
     console.setup(False)
     logging.set_verbosity(logging.WARNING)
@@ -59,9 +63,12 @@ def child(a) -> None:
     out = {"variant": a.child, "devices": jax.device_count()}
     for stage in ("stage1", "stage2"):
         tr = pipeline.make_trainer(config, tw, stage)
-        if stage == "stage2":
-            teacher = lambda: shd.put_global(tr.init_params, tr.param_sh)
-            tr._restore_stage1 = lambda: (teacher(), teacher(), 0)
+        if stage == "stage2":  # G and EMA from the teacher: no stage-1 checkpoint needed (same cost)
+
+            def teacher(tr=tr):
+                return shd.put_global(tr.init_params, tr.param_sh)
+
+            tr._restore_stage1 = lambda teacher=teacher: (teacher(), teacher(), 0)
         st = tr.initial_state()
         batch = jax.block_until_ready(tr.global_batch(next(tr.loader)))
         t0 = time.perf_counter()
@@ -116,7 +123,8 @@ def main() -> None:
     med = lambda v, k: sorted(x[k] for x in res[v])[len(res[v]) // 2]
     for v in res:
         cells = []
-        for k, scale in (("stage1_compile_s", 1), ("stage1_step_s", 1e3), ("stage2_compile_s", 1), ("stage2_step_s", 1e3)):
+        keys = (("stage1_compile_s", 1), ("stage1_step_s", 1e3), ("stage2_compile_s", 1), ("stage2_step_s", 1e3))
+        for k, scale in keys:
             s = f"{med(v, k) * scale:.1f}"
             if base and v != "base":
                 s += f" ({med(v, k) / med('base', k):.2f}×)"

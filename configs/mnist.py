@@ -25,7 +25,7 @@ def get_config():
     c.pairs.guidance_scale = 3.0  # SD-CFG-3's teacher ODE
     c.pairs.num_steps = 50  # Table A1: 50 DDIM steps
     c.pairs.resolution = 32
-    c.pairs.num_pairs = 4096  # 3,072 before 2026-12-06: more pairs, fewer steps (FIDELITY.md, "The Quickstart's budget")
+    c.pairs.num_pairs = 4096  # 3,072 before 2026-12-06: more pairs, fewer steps (FIDELITY.md, the Quickstart's budget)
     c.pairs.batch_size = 256
     c.pairs.shard_size = 1024
     c.pairs.prompt_field = "caption"

@@ -43,7 +43,8 @@ RUN_FILE = "run.json"
 # apply to config.stage2, which shares them (train/stage2.py: stage2_overrides).
 CADENCE = ("log_every", "eval_every", "sample_every", "ckpt_every", "stop_after")
 VOLATILE = (
-    "mode", "log_every_s", "mesh", "cpu", "jax_cache_dir", "export", "sample", "serve", "eval", "report", "resume_changes",
+    "mode", "log_every_s", "mesh", "cpu", "jax_cache_dir", "export", "sample", "serve", "eval", "report",
+    "resume_changes",
     "pairs.batch_size", "pairs.verify", "teacher.dtype", "stage2.log_grad_parts",
     "train.keep", "train.async_ckpt", "train.num_samples", "train.prefetch",
     *(f"{s}.{k}" for s in ("train", "stage2") for k in CADENCE),

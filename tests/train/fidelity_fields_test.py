@@ -688,8 +688,10 @@ def test_g_gradient_parts_not_logged_is_the_same_update(toy):
     the two parts pulled back apart (float rounding apart), and no part norms in the metrics."""
     dc = toy.config.disc
     _, opt = make_state(toy.gp, toy.dp, toy.t, dc)
-    make = lambda parts: jax.jit(make_stage2_step(toy.gen, toy.disc, toy.text, toy.loss_fn, toy.t, dc, *opt,
-                                                  distill_weight=1.0, gan_weight=0.25, log_grad_parts=parts))  # fmt: skip
+    def make(parts):
+        return jax.jit(make_stage2_step(toy.gen, toy.disc, toy.text, toy.loss_fn, toy.t, dc, *opt, distill_weight=1.0,
+                                        gan_weight=0.25, log_grad_parts=parts))  # fmt: skip
+
     new_e, m_e = jax.device_get(make(True)(toy.state, toy.frozen, toy.batch))
     new_o, m_o = jax.device_get(make(False)(toy.state, toy.frozen, toy.batch))
     assert float(m_e["g_grad_gan"]) > 0
