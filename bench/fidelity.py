@@ -10,9 +10,10 @@ Resumable: a row is done when `<root>/rows/<row>/row.json` exists; an interrupte
 (a rerun of the same `main` command). Rows run in priority order (the rows a conclusion rests on first), so a
 partial study still has every table's key rows.
 
-Shared by every row: the pairs (`<root>/pairs`: configs/mnist.py's 3,072 teacher ODE pairs, pairs.seed 0), the
-reference statistics and the teacher's images for teacher_dist (`<root>/cache`). A row's seed (`config.seed`)
-changes the training noise (data order, augmentations, mix-and-match, D's z-conv init) — not the pairs.
+Shared by every row: the pairs (`<root>/pairs`: 3,072 teacher ODE pairs of configs/mnist.py's teacher, pairs.seed
+0; `STUDY_PAIRS`), the reference statistics and the teacher's images for teacher_dist (`<root>/cache`). A row's
+seed (`config.seed`) changes the training noise (data order, augmentations, mix-and-match, D's z-conv init) — not
+the pairs.
 
 * Table 1 (stage 1, equal steps and batch): loss.kind ∈ mse, pseudo_huber, latent_lpips, e_latent_lpips,
   e_latent_lpips_star; seeds 0-2.
@@ -58,7 +59,8 @@ S1, S2 = 300, 100
 S2B = 500
 # The full row with D unclipped (configs/mnist.py's disc.grad_clip=10 off): what the R1 mean score and t = 500 alone do.
 T2B_NOCLIP = ("full_noclip", "full, D unclipped (disc.grad_clip=0)", {"disc.grad_clip": 0.0})
-BASE_STEPS = 1000  # the Table-2 generator: configs/mnist.py's stage 1 exactly (1,000 steps of E-LatentLPIPS*)
+BASE_STEPS = 1000  # the Table-2 generator: configs/mnist.py's stage 1 until 2026-12-06 (1,000 steps of E-LatentLPIPS*)
+STUDY_PAIRS = 3072  # the study's pair set: configs/mnist.py's until 2026-12-06 (4,096 since), kept for its rows
 
 PLAIN_D = {"disc.z_cond": False, "disc.r1_gamma": 0.0, "disc.multiscale_in": False, "disc.multiscale_out": False,
            "disc.mix_match_fraction": 0.0}  # fmt: skip
@@ -153,14 +155,17 @@ def command(row: dict, root: str, base: str) -> list[str]:
         over = {"pairs.num_pairs": T6_SET, "train.ckpt_every": min(n, 1000), "train.eval_every": n,
                 "stage2.num_steps": 0}  # fmt: skip
     elif row["kind"] == "stage1":
-        over = {"train.num_steps": S1, "train.ckpt_every": S1, "train.ema_start": S1 // 3, "stage2.num_steps": 0}
+        over = {"pairs.num_pairs": STUDY_PAIRS, "train.num_steps": S1, "train.ckpt_every": S1,
+                "train.ema_start": S1 // 3, "stage2.num_steps": 0}  # fmt: skip
     elif row["kind"] == "base":
-        over = {"train.num_steps": BASE_STEPS, "train.ckpt_every": BASE_STEPS, "stage2.num_steps": 0}
+        over = {"pairs.num_pairs": STUDY_PAIRS, "train.num_steps": BASE_STEPS, "train.ckpt_every": BASE_STEPS,
+                "stage2.num_steps": 0}  # fmt: skip
     else:
         n2 = S2B if row["kind"] == "stage2b" else S2
-        over = {"stage2.init_from": base or os.path.join(root, "rows", "t2_base_s0"), "train.num_steps": BASE_STEPS,
-                "stage2.num_steps": n2, "stage2.ckpt_every": n2,
-                "stage2.log_grad_parts": True}  # the ‖∇G GAN‖/‖∇G distil‖ column (configs/mnist.py: off)  # fmt: skip
+        # stage2.log_grad_parts: the ‖∇G GAN‖/‖∇G distil‖ column (configs/mnist.py turns it off)
+        over = {"pairs.num_pairs": STUDY_PAIRS, "stage2.init_from": base or os.path.join(root, "rows", "t2_base_s0"),
+                "train.num_steps": BASE_STEPS, "stage2.num_steps": n2, "stage2.ckpt_every": n2,
+                "stage2.log_grad_parts": True}  # fmt: skip
         if row["kind"] == "stage2b":  # D's held-out accuracy in stage2/metrics.jsonl
             over["stage2.eval_every"] = S2B // 5
     over.update(row["over"])
@@ -346,7 +351,8 @@ def ensure_pairs(root: str) -> None:
     ).get("complete"):
         return
     cmd = [sys.executable, "-m", "d2g_jax.main", "--config=configs/mnist.py", f"--workdir={wd}", "--config.mode=pairs",
-           "--config.pairs.seed=0", f"--config.pairs.dir={os.path.join(root, 'pairs')}"]  # fmt: skip
+           "--config.pairs.seed=0", f"--config.pairs.dir={os.path.join(root, 'pairs')}",
+           f"--config.pairs.num_pairs={STUDY_PAIRS}"]  # fmt: skip
     print(f"[{time.strftime('%H:%M:%S')}] pairs: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
