@@ -2,16 +2,17 @@
 stage-2 steps (the trainers' own jitted `step_fn`, lowered and compiled explicitly), under XLA flag variants, each
 variant in its own process, interleaved over `--rounds`.
 
-    python bench/compile_probe.py [--variants base,opt1,noexp] [--rounds 1] [--iters 6] [--pairs DIR]
+    python bench/compile_probe.py [--variants parts,no_parts,opt1,noexp] [--rounds 1] [--iters 6] [--pairs DIR]
 
 Stage 2's step (G forward+backward, E-LatentLPIPS*, D on 2B rows, the lazy-R1 double backward under `lax.cond`,
 both updates) compiles ~4× longer than stage 1's (BENCHMARKS.md); on a 2-core CPU that is minutes of the
 Quickstart's 30. Variants (XLA_FLAGS on top of 2 host devices, configs/mnist.py's setting):
-* base: XLA's defaults;
+* base: XLA's defaults, configs/mnist.py as it is;
 * opt1 / opt0: `--xla_backend_optimization_level=1 / 0` (LLVM's optimisation level for the CPU code);
 * noexp: `--xla_llvm_disable_expensive_passes=true`;
 * parts / no_parts: XLA's defaults, `config.stage2.log_grad_parts` True / False (G's distillation and GAN gradients
-  pulled back through G apart, their norms logged / their sum pulled back once); base is configs/mnist.py's setting.
+  pulled back through G apart, their norms logged / their sum pulled back once).
+The table's ratios are against the first variant listed.
 Each prints one JSON line: compile seconds and the median step seconds (stage 2: steps alternate R1-due / not, so
 the median is a no-R1 step's), measured after compile.
 """
@@ -117,7 +118,7 @@ def main() -> None:
             rec = json.loads(line[7:])
             print("  " + json.dumps(rec), flush=True)
             res.setdefault(v, []).append(rec)
-    base = res.get("base")
+    ref = next(iter(res))
     print("\n| variant | stage-1 compile (s) | stage-1 step (ms) | stage-2 compile (s) | stage-2 step (ms) |")
     print("|---|---|---|---|---|")
     med = lambda v, k: sorted(x[k] for x in res[v])[len(res[v]) // 2]
@@ -126,8 +127,8 @@ def main() -> None:
         keys = (("stage1_compile_s", 1), ("stage1_step_s", 1e3), ("stage2_compile_s", 1), ("stage2_step_s", 1e3))
         for k, scale in keys:
             s = f"{med(v, k) * scale:.1f}"
-            if base and v != "base":
-                s += f" ({med(v, k) / med('base', k):.2f}×)"
+            if v != ref:
+                s += f" ({med(v, k) / med(ref, k):.2f}×)"
             cells.append(s)
         print(f"| {v} | " + " | ".join(cells) + " |")
 

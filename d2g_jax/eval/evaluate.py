@@ -239,7 +239,8 @@ class Evaluator:
         n_teacher = max(col.n_ds, col.n_td)
         # the teacher's own row writes the cache its images are (the later rows' teacher_dist then runs no ODE)
         cache = self._teacher_cache(sampler, teacher_ode, n_teacher) if n_teacher else None
-        cached = np.load(cache)["images"] if cache and os.path.isfile(cache) and not use_teacher else None
+        have = bool(cache) and os.path.isfile(cache)
+        cached = np.load(cache)["images"] if have and not use_teacher else None
         made = []
         bs = sampler.batch_size
         gen_s, gen_n = 0.0, 0  # generation time after the first (compiling) batch
@@ -263,7 +264,7 @@ class Evaluator:
                     made.append(ref)
             if self.is_main:
                 col.add(img, start, teacher=ref, seeds=self.seeds[start : start + bs])
-        if cache and cached is None and made and self.is_main and not (use_teacher and os.path.isfile(cache)):
+        if cache and not have and made and self.is_main:
             from d2g_jax import files
 
             os.makedirs(os.path.dirname(cache), exist_ok=True)
